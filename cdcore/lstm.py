@@ -1,0 +1,193 @@
+"""``StiefelLSTM``: an ``nn.LSTM`` whose recurrent weights are dissolved onto St(4H, H).
+
+It keeps PyTorch's fused LSTM kernels (cuDNN on GPU, the fused CPU kernel otherwise):
+the forward computes every effective recurrent weight A(W) in one batched operation,
+hands the list of weights to ``torch._VF.lstm`` through ``nn.LSTM.forward`` and never
+loops over time steps in Python.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+from torch import Tensor, nn
+
+from . import stiefel
+from .constrain import dissolve
+from .dissolving import check_granularity, check_penalty_param, dissolve_with_penalty, from_blocks, to_blocks
+
+__all__ = ["StiefelLSTM"]
+
+
+class _ForwardPenalty:
+    """The penalty computed alongside the last forward, keyed by the raw weights' versions.
+
+    Never copied: ``copy.deepcopy`` of the module gets an empty cache.
+    """
+
+    __slots__ = ("key", "value")
+
+    def __init__(self) -> None:
+        self.key = None
+        self.value = None
+
+    def __deepcopy__(self, memo) -> "_ForwardPenalty":
+        return _ForwardPenalty()
+
+
+class StiefelLSTM(nn.LSTM):
+    r"""Multi-layer (bi)LSTM with every recurrent weight constrained by constraint dissolving.
+
+    Drop-in for CDOpt's ``LSTM_cdopt(..., manifold_class=stiefel_torch, penalty_param=...)``:
+    each ``weight_hh_l{k}`` and ``weight_hh_l{k}_reverse`` (shape (4H, H)) is dissolved
+    with :func:`cdcore.dissolve`, so the forward uses A(W) = W (3/2 I - 1/2 W^T W) and
+    ``cdcore.quad_penalty(model)`` adds penalty_param * sum ||W^T W - I||_F^2 to the loss
+    (Xiao, Liu, Toh, arXiv:2203.10319; Hu, Xiao, Liu, Toh, arXiv:2205.10500).
+
+    Parameters
+    ----------
+    input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional
+        As for :class:`torch.nn.LSTM` (``proj_size`` is not supported).
+    penalty_param : float
+        Finite, >= 0 (0 warns); CDOpt's convention, beta / 2 of the papers.
+    granularity : {"stacked", "per_gate"}
+        ``"stacked"``: each (4H, H) weight on St(4H, H) (CDOpt's choice).
+        ``"per_gate"``: each of the four H x H gate blocks (i, f, g, o) on O(H).
+    device, dtype
+        As for :class:`torch.nn.LSTM`.
+
+    Raises
+    ------
+    ValueError
+        Bad ``penalty_param`` or ``granularity``.
+
+    Notes
+    -----
+    Inputs and outputs are those of :class:`torch.nn.LSTM`: input (L, N, H_in) or
+    (N, L, H_in) with ``batch_first``, output (L, N, D H), h_n and c_n (D num_layers, N, H).
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        bias: bool = True,
+        batch_first: bool = False,
+        dropout: float = 0.0,
+        bidirectional: bool = False,
+        *,
+        penalty_param: float,
+        granularity: str = "stacked",
+        device=None,
+        dtype=None,
+    ) -> None:
+        check_penalty_param(penalty_param)
+        check_granularity(granularity)
+        super().__init__(
+            input_size, hidden_size, num_layers, bias=bias, batch_first=batch_first,
+            dropout=dropout, bidirectional=bidirectional, device=device, dtype=dtype,
+        )
+        self.penalty_param = float(penalty_param)
+        self.granularity = granularity
+        self.dissolved_names = [n for n in self._flat_weights_names if n.startswith("weight_hh_l")]
+        for name in self.dissolved_names:
+            dissolve(self, name, penalty_param=penalty_param, granularity=granularity)
+        self._penalty = _ForwardPenalty()
+        self._init_flat_weights()
+
+    # -- nn.LSTM's weight list: only leaves, so nothing is evaluated twice ------------
+    def _leaf(self, name: str):
+        if name in self._parameters:
+            return self._parameters[name]
+        parametrizations = self._modules.get("parametrizations")
+        if parametrizations is not None and name in parametrizations:
+            return parametrizations[name].original
+        return None
+
+    def _init_flat_weights(self) -> None:
+        # nn.LSTM stores getattr(self, name) here, which would evaluate the
+        # parametrisation (and its weight-change check would evaluate it again on
+        # every forward).  Keep the raw leaves instead; forward swaps in A(W).
+        self._flat_weights = [self._leaf(n) for n in self._flat_weights_names]
+        self._flat_weight_refs = [weakref.ref(w) if w is not None else None for w in self._flat_weights]
+        self.flatten_parameters()
+
+    def _update_flat_weights(self) -> None:
+        pass  # the effective weights are computed once, in forward
+
+    # -- the constraint ---------------------------------------------------------------
+    def _raw_stack(self) -> Tensor:
+        """All raw recurrent weights as the batch of manifold points, shape (m, n, p)."""
+        raws = torch.stack([self.parametrizations[n].original for n in self.dissolved_names])
+        return to_blocks(raws, self.granularity).flatten(0, 1)
+
+    def _versions(self):
+        return tuple(self.parametrizations[n].original._version for n in self.dissolved_names)
+
+    def effective_weights(self) -> tuple[list[Tensor], Tensor]:
+        """A(W) of every recurrent weight and the total penalty, in one batched operation.
+
+        Returns
+        -------
+        weights : list of Tensor, each (4H, H)
+            In the order of ``self.dissolved_names``.
+        penalty : Tensor, 0-dim
+            penalty_param * sum over weights of ||W^T W - I||_F^2 (against the granularity).
+        """
+        X = self._raw_stack()
+        A, sq = dissolve_with_penalty(X)
+        k = len(self.dissolved_names)
+        A = from_blocks(A.reshape(k, -1, *A.shape[-2:]), self.granularity)
+        return list(A.unbind(0)), self.penalty_param * sq.sum()
+
+    def dissolved_penalty(self) -> Tensor:
+        """penalty_param * sum ||W^T W - I||_F^2 over this module's recurrent weights.
+
+        Reuses the value computed by the last forward when the raw weights have not
+        changed since (sharing W^T W with A(W)); each cached value is handed out once.
+        """
+        key = (self._versions(), torch.is_grad_enabled())
+        if self._penalty.key == key and self._penalty.value is not None:
+            value = self._penalty.value
+            self._penalty.key = self._penalty.value = None
+            return value
+        return self.effective_weights()[1]
+
+    def forward(self, input, hx=None):
+        weights, penalty = self.effective_weights()
+        self._penalty.key = (self._versions(), torch.is_grad_enabled())
+        self._penalty.value = penalty
+        leaves = self._flat_weights
+        effective = dict(zip(self.dissolved_names, weights))
+        self._flat_weights = [effective.get(n, w) for n, w in zip(self._flat_weights_names, leaves)]
+        try:
+            return super().forward(input, hx)
+        finally:
+            self._flat_weights = leaves
+
+    # -- export ------------------------------------------------------------------------
+    def to_lstm(self) -> nn.LSTM:
+        """A plain ``nn.LSTM`` with the projected, exactly feasible recurrent weights.
+
+        Every recurrent weight is the polar factor of the raw weight (nearest point of
+        the manifold, per block for ``"per_gate"``); all other parameters are copied.
+        Same device and dtype.
+        """
+        ref = next(self.parameters())
+        lstm = nn.LSTM(
+            self.input_size, self.hidden_size, self.num_layers, bias=self.bias,
+            batch_first=self.batch_first, dropout=self.dropout, bidirectional=self.bidirectional,
+            device=ref.device, dtype=ref.dtype,
+        )
+        with torch.no_grad():
+            for name in self._flat_weights_names:
+                src = self._leaf(name)
+                if name in self.dissolved_names:
+                    src = from_blocks(stiefel.projx(to_blocks(src, self.granularity)), self.granularity)
+                getattr(lstm, name).copy_(src)
+        return lstm
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", penalty_param={self.penalty_param}, granularity={self.granularity!r}"

@@ -1,0 +1,266 @@
+r"""Pure, batched functions on the Stiefel manifold.
+
+St(n, p) = {X in R^{n x p} : X^T X = I_p}, n >= p.  Every function takes tensors of
+shape ``(..., n, p)`` (any number of leading batch dimensions) and works for any
+floating dtype on any device.  Nothing here holds state; the modules and optimisers
+of :mod:`cdcore` are thin wrappers over these functions.
+
+References
+----------
+.. [AMS08] P.-A. Absil, R. Mahony, R. Sepulchre, *Optimization Algorithms on Matrix
+   Manifolds*, Princeton University Press, 2008.
+.. [WY13] Z. Wen, W. Yin, "A feasible method for optimization with orthogonality
+   constraints", Math. Program. 142 (2013) 397-434.
+.. [EAS98] A. Edelman, T. Arias, S. Smith, "The geometry of algorithms with
+   orthogonality constraints", SIAM J. Matrix Anal. Appl. 20 (1998) 303-353.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "check_point",
+    "constraint",
+    "feasibility",
+    "projx",
+    "proju",
+    "random_point",
+    "retr_cayley",
+    "sym",
+]
+
+
+def check_point(X: Tensor, name: str = "X") -> None:
+    """Raise if ``X`` cannot hold points of a Stiefel manifold.
+
+    Parameters
+    ----------
+    X : Tensor, shape (..., n, p)
+        Candidate tensor; must be floating point with at least 2 dimensions and n >= p.
+    name : str
+        Name used in the error message.
+
+    Raises
+    ------
+    ValueError
+        If ``X`` has fewer than 2 dimensions, is not floating point, or n < p.
+    """
+    if not isinstance(X, Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(X).__name__}")
+    if X.dim() < 2:
+        raise ValueError(f"{name} must have shape (..., n, p), got shape {tuple(X.shape)}")
+    if not X.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor, got dtype {X.dtype}")
+    n, p = X.shape[-2:]
+    if n < p:
+        raise ValueError(f"{name} of shape {tuple(X.shape)} is not on any St(n, p): needs n >= p, got n={n}, p={p}")
+
+
+def sym(M: Tensor) -> Tensor:
+    """Symmetric part (M + M^T) / 2 of a batch of square matrices, shape (..., p, p)."""
+    return 0.5 * (M + M.transpose(-2, -1))
+
+
+def _eye_like(X: Tensor) -> Tensor:
+    p = X.shape[-1]
+    return torch.eye(p, dtype=X.dtype, device=X.device)
+
+
+def constraint(X: Tensor) -> Tensor:
+    r"""Constraint map C(X) = X^T X - I_p of St(n, p).
+
+    Parameters
+    ----------
+    X : Tensor, shape (..., n, p), floating dtype
+
+    Returns
+    -------
+    Tensor, shape (..., p, p), same dtype and device as ``X``
+        Zero exactly when every matrix of the batch is on St(n, p).
+
+    Raises
+    ------
+    ValueError
+        If ``X`` is not of shape (..., n, p) with n >= p.
+
+    Notes
+    -----
+    The orthogonality constraint of [WY13]_; CDOpt calls it ``C``.
+    """
+    check_point(X)
+    return X.transpose(-2, -1) @ X - _eye_like(X)
+
+
+def feasibility(X: Tensor) -> Tensor:
+    r"""Feasibility ||X^T X - I_p||_F of each matrix of a batch, computed in float64.
+
+    Parameters
+    ----------
+    X : Tensor, shape (..., n, p), floating dtype
+
+    Returns
+    -------
+    Tensor, shape (...), dtype float64, no autograd history
+        The Frobenius norm of the constraint map, one value per matrix; 0 on St(n, p).
+        The Gram matrix is formed in float64: in float32 its own rounding (about
+        1e-5 for a 400 x 100 matrix) would hide the quantity being measured.
+
+    Raises
+    ------
+    ValueError
+        If ``X`` is not of shape (..., n, p) with n >= p.
+    """
+    with torch.no_grad():
+        return torch.linalg.matrix_norm(constraint(X.detach().to(torch.float64)))
+
+
+def projx(X: Tensor) -> Tensor:
+    r"""Nearest point of St(n, p) in the Frobenius norm: the polar factor U V^T.
+
+    Parameters
+    ----------
+    X : Tensor, shape (..., n, p), floating dtype, full column rank
+
+    Returns
+    -------
+    Tensor, shape (..., n, p)
+        U V^T where X = U S V^T is the thin SVD ([AMS08]_, sec. 4.1 (projective retraction); Higham, *Functions
+        of Matrices*, 2008, Thm. 8.4).  Computed in float64 (then cast back to X's
+        dtype) and without autograd history: a float32 SVD alone leaves
+        ||X^T X - I||_F near 1e-5 for a 400 x 100 matrix, float64 about 2e-7.
+
+    Raises
+    ------
+    ValueError
+        If ``X`` is not of shape (..., n, p) with n >= p.
+    """
+    check_point(X)
+    with torch.no_grad():
+        U, _, Vh = torch.linalg.svd(X.detach().to(torch.float64), full_matrices=False)
+        return (U @ Vh).to(X.dtype)
+
+
+def proju(X: Tensor, U: Tensor) -> Tensor:
+    r"""Orthogonal projection of ``U`` onto the tangent space of St(n, p) at ``X``.
+
+    P_X(U) = U - X sym(X^T U)  ([AMS08]_, ch. 3, the Stiefel manifold as a Riemannian submanifold).  The result
+    satisfies X^T P + P^T X = 0; the map is idempotent.
+
+    Parameters
+    ----------
+    X : Tensor, shape (..., n, p)
+        A point of St(n, p).
+    U : Tensor, shape (..., n, p)
+        Any ambient matrix (e.g. a Euclidean gradient).
+
+    Returns
+    -------
+    Tensor, shape (..., n, p)
+
+    Raises
+    ------
+    ValueError
+        If the shapes differ or are not (..., n, p) with n >= p.
+    """
+    check_point(X)
+    if U.shape != X.shape:
+        raise ValueError(f"U must have the shape of X {tuple(X.shape)}, got {tuple(U.shape)}")
+    return U - X @ sym(X.transpose(-2, -1) @ U)
+
+
+def random_point(
+    n: int,
+    p: int,
+    *batch: int,
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    r"""A point of St(n, p) drawn from the uniform (Haar) distribution.
+
+    The Q factor of a Gaussian matrix with the signs of diag(R) fixed to be positive
+    (Mezzadri, "How to generate random matrices from the classical compact groups",
+    Notices AMS 54 (2007), 592-604).
+
+    Parameters
+    ----------
+    n, p : int
+        Manifold dimensions, n >= p >= 1.
+    *batch : int
+        Leading batch dimensions.
+    generator, dtype, device
+        As for :func:`torch.randn`.
+
+    Returns
+    -------
+    Tensor, shape (*batch, n, p)
+
+    Raises
+    ------
+    ValueError
+        If not n >= p >= 1.
+    """
+    if not (isinstance(n, int) and isinstance(p, int) and n >= p >= 1):
+        raise ValueError(f"random_point needs integers n >= p >= 1, got n={n!r}, p={p!r}")
+    G = torch.randn(*batch, n, p, generator=generator, dtype=dtype, device=device)
+    Q, R = torch.linalg.qr(G)
+    signs = torch.sign(torch.diagonal(R, dim1=-2, dim2=-1))
+    signs = torch.where(signs == 0, torch.ones_like(signs), signs)
+    return Q * signs.unsqueeze(-2)
+
+
+def retr_cayley(X: Tensor, U: Tensor, step: float | Tensor = 1.0) -> Tensor:
+    r"""Cayley retraction of the canonical metric, in O(n p^2) operations.
+
+    Moves from ``X`` in the tangent direction ``U`` by ``step``:
+
+    .. math::
+        Y(t) = (I - \tfrac{t}{2} W)^{-1} (I + \tfrac{t}{2} W) X,
+        \quad W = \tilde U X^T - X \tilde U^T,\quad \tilde U = (I - \tfrac12 X X^T) U,
+
+    so that W is skew, W X = U and Y'(0) = U ([WY13]_, the Cayley update scheme;
+    [EAS98]_ for the canonical metric).  With W = A B^T, A = [Ũ, X], B = [X, -Ũ] (both n x 2p), the
+    Sherman-Morrison-Woodbury formula gives ([WY13]_, its low-rank update formula)
+
+    .. math::
+        Y(t) = X + t A (I_{2p} - \tfrac{t}{2} B^T A)^{-1} B^T X,
+
+    which needs one 2p x 2p solve and no n x n matrix.  Y^T Y = X^T X exactly in exact
+    arithmetic, so a point of St(n, p) stays on it.
+
+    Parameters
+    ----------
+    X : Tensor, shape (..., n, p)
+        A point of St(n, p).
+    U : Tensor, shape (..., n, p)
+        A tangent vector at ``X`` (e.g. minus a Riemannian gradient times a learning rate).
+    step : float or Tensor broadcastable to (...)
+        The step length t.
+
+    Returns
+    -------
+    Tensor, shape (..., n, p)
+
+    Raises
+    ------
+    ValueError
+        If the shapes differ or are not (..., n, p) with n >= p.
+    """
+    check_point(X)
+    if U.shape != X.shape:
+        raise ValueError(f"U must have the shape of X {tuple(X.shape)}, got {tuple(U.shape)}")
+    Xt = X.transpose(-2, -1)
+    Ut = U - 0.5 * X @ (Xt @ U)  # (I - X X^T / 2) U, never forming X X^T
+    A = torch.cat([Ut, X], dim=-1)  # (..., n, 2p)
+    B = torch.cat([X, -Ut], dim=-1)  # (..., n, 2p)
+    if isinstance(step, Tensor):
+        t = step.to(dtype=X.dtype).reshape(step.shape + (1, 1))
+    else:
+        t = float(step)
+    Bt = B.transpose(-2, -1)
+    eye2p = torch.eye(2 * X.shape[-1], dtype=X.dtype, device=X.device)
+    lhs = eye2p - 0.5 * t * (Bt @ A)  # (..., 2p, 2p)
+    rhs = Bt @ X  # (..., 2p, p)
+    return X + t * (A @ torch.linalg.solve(lhs, rhs))

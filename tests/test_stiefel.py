@@ -1,0 +1,99 @@
+import pytest
+import torch
+
+from cdcore import stiefel
+
+
+
+@pytest.fixture(autouse=True)
+def _f64():
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
+def test_random_point_is_on_manifold_and_batched():
+    X = stiefel.random_point(7, 3, 4, 2, generator=torch.Generator().manual_seed(0))
+    assert X.shape == (4, 2, 7, 3)
+    assert stiefel.feasibility(X).max() < 1e-13
+    assert stiefel.constraint(X).shape == (4, 2, 3, 3)
+
+
+def test_constraint_and_feasibility_values():
+    X = 2 * torch.eye(3)[:, :2]
+    assert torch.allclose(stiefel.constraint(X), 3 * torch.eye(2))
+    assert stiefel.feasibility(X).item() == pytest.approx(3 * 2**0.5)
+
+
+def test_projx_is_nearest_point_and_fixed_on_manifold():
+    g = torch.Generator().manual_seed(1)
+    A = torch.randn(3, 8, 4, generator=g)
+    P = stiefel.projx(A)
+    assert stiefel.feasibility(P).max() < 1e-13
+    X = stiefel.random_point(8, 4, generator=g)
+    assert torch.allclose(stiefel.projx(X), X, atol=1e-12)
+    # no other random point of the manifold is closer
+    for _ in range(20):
+        Q = stiefel.random_point(8, 4, generator=g)
+        assert torch.linalg.matrix_norm(A[0] - P[0]) <= torch.linalg.matrix_norm(A[0] - Q) + 1e-12
+
+
+def test_projx_float32_is_accurate():
+    X = torch.randn(400, 100, dtype=torch.float32, generator=torch.Generator().manual_seed(0))
+    P = stiefel.projx(X)
+    assert P.dtype == torch.float32
+    assert stiefel.feasibility(P).item() < 1e-6
+
+
+def test_proju_is_tangent_and_idempotent():
+    g = torch.Generator().manual_seed(2)
+    X = stiefel.random_point(9, 4, 5, generator=g)
+    U = torch.randn(5, 9, 4, generator=g)
+    T = stiefel.proju(X, U)
+    skew = X.transpose(-2, -1) @ T
+    assert torch.allclose(skew + skew.transpose(-2, -1), torch.zeros(5, 4, 4), atol=1e-12)
+    assert torch.allclose(stiefel.proju(X, T), T, atol=1e-12)
+
+
+def _dense_cayley(X, U, t):
+    n = X.shape[0]
+    Ut = U - 0.5 * X @ (X.T @ U)
+    W = Ut @ X.T - X @ Ut.T
+    eye = torch.eye(n)
+    return torch.linalg.solve(eye - 0.5 * t * W, (eye + 0.5 * t * W) @ X)
+
+
+@pytest.mark.parametrize("n,p", [(5, 5), (8, 3), (12, 4), (20, 5)])
+def test_retr_cayley_matches_dense_formula_and_stays_feasible(n, p):
+    g = torch.Generator().manual_seed(n * 10 + p)
+    X = stiefel.random_point(n, p, generator=g)
+    U = stiefel.proju(X, torch.randn(n, p, generator=g))
+    for t in (1e-3, 0.1, 0.7):
+        Y = stiefel.retr_cayley(X, U, t)
+        assert torch.allclose(Y, _dense_cayley(X, U, t), atol=1e-11)
+        assert stiefel.feasibility(Y).item() < 1e-12
+    # first-order: Y(t) = X + t U + O(t^2)
+    t = 1e-5
+    assert torch.allclose((stiefel.retr_cayley(X, U, t) - X) / t, U, atol=1e-4)
+
+
+def test_retr_cayley_batched_and_tensor_step():
+    g = torch.Generator().manual_seed(3)
+    X = stiefel.random_point(10, 3, 4, generator=g)
+    U = stiefel.proju(X, torch.randn(4, 10, 3, generator=g))
+    steps = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    Y = stiefel.retr_cayley(X, U, steps)
+    for i in range(4):
+        assert torch.allclose(Y[i], _dense_cayley(X[i], U[i], float(steps[i])), atol=1e-11)
+
+
+def test_bad_shapes_raise_one_clear_error():
+    with pytest.raises(ValueError, match="n >= p"):
+        stiefel.constraint(torch.randn(3, 5))
+    with pytest.raises(ValueError, match=r"shape \(\.\.\., n, p\)"):
+        stiefel.feasibility(torch.randn(5))
+    with pytest.raises(ValueError, match="shape of X"):
+        stiefel.proju(torch.randn(5, 3), torch.randn(5, 2))
+    with pytest.raises(ValueError, match="n >= p >= 1"):
+        stiefel.random_point(2, 3)
