@@ -167,6 +167,37 @@ class StiefelLSTM(nn.LSTM):
         finally:
             self._flat_weights = leaves
 
+    # -- import / export ---------------------------------------------------------------
+    @classmethod
+    def from_lstm(cls, lstm: nn.LSTM, *, penalty_param: float, granularity: str = "stacked") -> "StiefelLSTM":
+        """A ``StiefelLSTM`` with the weights of ``lstm``, recurrent ones projected onto the manifold.
+
+        The global random stream is left exactly as it was (construction draws its
+        throw-away initial weights under :func:`torch.random.fork_rng`), so converting
+        a model does not change what is drawn after it.
+
+        Raises
+        ------
+        ValueError
+            If ``lstm`` uses ``proj_size``, or bad ``penalty_param`` / ``granularity``.
+        """
+        if getattr(lstm, "proj_size", 0):
+            raise ValueError(f"proj_size must be 0 for a StiefelLSTM; got {lstm.proj_size}")
+        ref = next(lstm.parameters())
+        with torch.random.fork_rng(devices=[ref.device] if ref.is_cuda else []):
+            out = cls(
+                lstm.input_size, lstm.hidden_size, lstm.num_layers, bias=lstm.bias,
+                batch_first=lstm.batch_first, dropout=lstm.dropout, bidirectional=lstm.bidirectional,
+                penalty_param=penalty_param, granularity=granularity, device=ref.device, dtype=ref.dtype,
+            )
+        with torch.no_grad():
+            for name in out._flat_weights_names:
+                src = getattr(lstm, name)
+                if name in out.dissolved_names:
+                    src = from_blocks(stiefel.projx(to_blocks(src, granularity)), granularity)
+                out._leaf(name).copy_(src)
+        return out
+
     # -- export ------------------------------------------------------------------------
     def to_lstm(self) -> nn.LSTM:
         """A plain ``nn.LSTM`` with the projected, exactly feasible recurrent weights.

@@ -184,3 +184,13 @@ def test_unbatched_and_packed_inputs_work():
     packed = nn.utils.rnn.pack_padded_sequence(torch.randn(5, 2, 3), torch.tensor([5, 3]))
     out, _ = m(packed)
     assert isinstance(out, nn.utils.rnn.PackedSequence)
+
+
+def test_from_lstm_copies_projects_and_keeps_the_random_stream():
+    torch.manual_seed(0)
+    lstm = nn.LSTM(3, 4, num_layers=2, bidirectional=True)
+    state = torch.random.get_rng_state()
+    m = cdcore.StiefelLSTM.from_lstm(lstm, penalty_param=0.5)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert torch.equal(m.weight_ih_l1_reverse, lstm.weight_ih_l1_reverse)
+    assert torch.allclose(m.parametrizations.weight_hh_l0.original, stiefel.projx(lstm.weight_hh_l0))
