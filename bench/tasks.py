@@ -7,6 +7,55 @@ asks a task only for batches, a loss and a metric; it knows nothing else about i
   60,000 training images, score all 10,000 test images.
 * ``digits``  scikit-learn's bundled 8 x 8 digits: 8 steps of 8 features in [0, 1], a
   fixed stratified 80/20 split (seed 0); needs no files and no network.
+* ``psmnist`` pixel-by-pixel sequential MNIST (Le, Jaitly & Hinton 2015,
+  arXiv:1504.00941): 784 steps of 1 pixel in [0, 1] in row-major order, 10 classes,
+  metric accuracy; 60,000 train / 10,000 test images.  No baseline (chance is 0.1).
+* ``pmnist``  permuted pixel MNIST (Le et al. 2015): as ``psmnist`` with the 784 pixels
+  reordered by one fixed permutation, ``torch.randperm(784)`` of a CPU generator seeded
+  with ``PERMUTATION_SEED`` = 92916 (the seed of expRNN, Lezcano-Casado &
+  Martinez-Rubio 2019, which draws it with NumPy, so the permutation itself differs);
+  identical for train and test, in every process (``pmnist_permutation()``).
+* ``copying`` copy memory task (Hochreiter & Schmidhuber 1997; layout of Arjovsky, Shah
+  & Bengio 2016, arXiv:1511.06464): T + 20 steps, one-hot inputs over 10 tokens
+  (0 blank, 1..8 symbols, 9 delimiter): 10 symbols drawn uniformly from 1..8, T - 1
+  blanks, the delimiter, 10 blanks.  Target at every step (9 classes 0..8): T + 10
+  blanks, then the 10 symbols.  Metric: mean cross-entropy over all T + 20 steps
+  (lower is better).  Default T = 1000 (expRNN, geotorch's copying example).
+  Baseline: the memoryless strategy (blanks, then uniform over the 8 symbols),
+  10 log 8 / (T + 20) = 0.0204 at T = 1000.
+* ``adding`` adding problem (Hochreiter & Schmidhuber 1997; Le et al. 2015; Arjovsky
+  et al. 2016): T steps of 2 features, a value uniform in [0, 1] and a marker that is 1
+  at exactly two steps, one uniform in the first half [0, T // 2) and one in the second
+  half [T // 2, T), else 0.  Target: the sum of the two marked values (one output at
+  the last step), metric mean squared error.  Default T = 750 (the longest length of
+  Arjovsky et al. 2016).  Baseline: always answering 1 scores the variance of a sum of
+  two U[0, 1], 2/12 = 1/6 = 0.167.
+
+``copying`` and ``adding`` are generated on the fly: each training epoch draws fresh
+batches from the run's seeded generator; ``train_subset`` is the number of training
+*batches* per epoch (default ``SYNTHETIC_BATCHES_PER_EPOCH`` = 100; the task does not
+know the batch size), ``seq_len`` is T (None: the default).  Their test set is fixed:
+``SYNTHETIC_TEST_SIZE`` = 1000 sequences drawn from ``SYNTHETIC_TEST_SEED`` = 1234;
+``test_subset`` keeps its first ``test_subset`` sequences.
+
+Profiles (``TASK_PROFILES``) of the long tasks, all unidirectional with 1 layer
+(times: one run of the ``lstm`` method on a 2-core CPU, one torch thread; ``cd`` and
+the other constrained methods cost about the same per step at these sizes):
+
+* ``smoke``: seconds; checks that everything runs, the metric means nothing.
+* ``quick``: a few minutes per run.  ``psmnist``/``pmnist``: hidden 32, 2,048 training
+  images, 3 epochs, 1,000 test images (~3 min); expect accuracy well above chance
+  (0.1) but far below the paper (~0.3-0.6).  ``copying``: T = 100, hidden 64,
+  10 x 50 batches of 64 (~3 min); expect the loss to fall from ~2.2 towards the
+  memoryless baseline 0.173 and usually not below it.  ``adding``: T = 100, hidden 64,
+  10 x 50 batches of 64 (~2 min); expect the MSE to go from ~0.17 to well below the
+  baseline (LSTMs solve T = 100 within a few thousand steps, often sooner).
+* ``paper``: literature settings for a GPU.  ``psmnist``/``pmnist``: hidden 170,
+  batch 128, 70 epochs, lr 7e-4 (expRNN, which uses RMSprop; we use Adam).
+  ``copying``: T = 1000, hidden 190, batch 128, 40 epochs x 100 batches = 4,000 steps,
+  lr 1e-3 (expRNN / geotorch's copying example).  ``adding``: T = 750, hidden 128,
+  batch 50, 100 epochs x 100 batches = 10,000 steps, lr 1e-3 (our choice; 128 is the
+  LSTM size of Arjovsky et al. 2016).
 """
 
 from __future__ import annotations
@@ -229,10 +278,178 @@ def digits(train_subset=None, test_subset=None, **_) -> Task:
     return Task("digits", 8, 10, "acc", train=tr, test=te)
 
 
+
+# --------------------------------------------------------------------------------------
+# Long-sequence tasks of the orthogonal / unitary RNN literature
+
+#: Seed of the fixed pMNIST pixel permutation (the seed expRNN uses for its permutation).
+PERMUTATION_SEED = 92916
+
+
+def pmnist_permutation() -> Tensor:
+    """The fixed pixel order of ``pmnist``.
+
+    Returns
+    -------
+    Tensor
+        int64, shape (784,): ``torch.randperm(784)`` of a CPU generator seeded with
+        ``PERMUTATION_SEED``; the same in every process and on every run.
+    """
+    return torch.randperm(784, generator=torch.Generator().manual_seed(PERMUTATION_SEED))
+
+
+def _pixels(images: Tensor, order: Tensor | None = None) -> Tensor:
+    """uint8 images (N, 28, 28) -> float32 pixel sequences (N, 784, 1) in [0, 1]."""
+    x = images.reshape(images.shape[0], 784).float().div_(255)
+    if order is not None:
+        x = x[:, order]
+    return x.unsqueeze(-1)
+
+
+def _pixel_mnist(name: str, data_dir, train_subset, test_subset, order: Tensor | None) -> Task:
+    d = _mnist(data_dir)
+    tr_x, tr_y = _subset(d["train_x"], d["train_y"], train_subset)
+    te_x, te_y = _subset(d["test_x"], d["test_y"], test_subset)
+    info = {"permutation_seed": PERMUTATION_SEED} if order is not None else {}
+    return Task(name, 1, 10, "acc", train=(_pixels(tr_x, order), tr_y), test=(_pixels(te_x, order), te_y),
+                info=info)
+
+
+def psmnist(data_dir, train_subset=None, test_subset=None, **_) -> Task:
+    """Pixel-by-pixel MNIST (Le, Jaitly & Hinton 2015): x (N, 784, 1) float32 in [0, 1],
+    y (N,) int64 in 0..9; metric accuracy."""
+    return _pixel_mnist("psmnist", data_dir, train_subset, test_subset, None)
+
+
+def pmnist(data_dir, train_subset=None, test_subset=None, **_) -> Task:
+    """Permuted pixel MNIST: ``psmnist`` with the pixels reordered by
+    :func:`pmnist_permutation` (the same order for train and test)."""
+    return _pixel_mnist("pmnist", data_dir, train_subset, test_subset, pmnist_permutation())
+
+
+#: Training batches per epoch of a generated task when ``train_subset`` is None.
+SYNTHETIC_BATCHES_PER_EPOCH = 100
+#: Size and seed of the fixed test set of a generated task.
+SYNTHETIC_TEST_SIZE = 1000
+SYNTHETIC_TEST_SEED = 1234
+
+COPY_SYMBOLS = 10  # symbols to remember
+COPY_CATEGORIES = 8  # symbols are drawn from tokens 1..8; 0 is the blank
+COPY_DELIMITER = 9  # the token that asks for the recall
+COPYING_T = 1000  # default delay T (expRNN, geotorch's copying example)
+ADDING_T = 750  # default length T (Arjovsky, Shah & Bengio 2016)
+#: MSE of always answering 1 in the adding problem: Var(U1 + U2) = 2/12.
+ADDING_BASELINE = 1 / 6
+
+
+def copying_batch(n: int, generator: torch.Generator, seq_len: int = COPYING_T) -> tuple[Tensor, Tensor]:
+    """A batch of the copying task (layout of Arjovsky, Shah & Bengio 2016).
+
+    Tokens (length T + 20): 10 symbols uniform in 1..8, T - 1 blanks (0), the delimiter (9),
+    10 blanks; the target is T + 10 blanks followed by the 10 symbols.  (expRNN and
+    geotorch's example put the delimiter one step later, at the first recall step.)
+
+    Parameters
+    ----------
+    n : int
+        Batch size.
+    generator : torch.Generator
+        CPU generator the symbols are drawn from.
+    seq_len : int
+        The delay T >= 1.
+
+    Returns
+    -------
+    x : Tensor
+        float32, shape (n, T + 20, 10): one-hot tokens.
+    y : Tensor
+        int64, shape (n, T + 20): target class (0..8) at every step.
+    """
+    if seq_len < 1:
+        raise ValueError(f"copying needs seq_len >= 1, got {seq_len}")
+    total = seq_len + 2 * COPY_SYMBOLS
+    symbols = torch.randint(1, COPY_CATEGORIES + 1, (n, COPY_SYMBOLS), generator=generator)
+    tokens = torch.zeros(n, total, dtype=torch.int64)
+    tokens[:, :COPY_SYMBOLS] = symbols
+    tokens[:, COPY_SYMBOLS + seq_len - 1] = COPY_DELIMITER
+    y = torch.zeros(n, total, dtype=torch.int64)
+    y[:, -COPY_SYMBOLS:] = symbols
+    return F.one_hot(tokens, COPY_DELIMITER + 1).float(), y
+
+
+def adding_batch(n: int, generator: torch.Generator, seq_len: int = ADDING_T) -> tuple[Tensor, Tensor]:
+    """A batch of the adding problem (Le, Jaitly & Hinton 2015; Arjovsky et al. 2016).
+
+    Parameters
+    ----------
+    n : int
+        Batch size.
+    generator : torch.Generator
+        CPU generator the values and marker positions are drawn from.
+    seq_len : int
+        The length T >= 2.
+
+    Returns
+    -------
+    x : Tensor
+        float32, shape (n, T, 2): ``x[..., 0]`` values uniform in [0, 1], ``x[..., 1]`` the
+        marker, 1 at one step uniform in [0, T // 2) and one uniform in [T // 2, T), else 0.
+    y : Tensor
+        float32, shape (n,): the sum of the two marked values.
+    """
+    if seq_len < 2:
+        raise ValueError(f"adding needs seq_len >= 2, got {seq_len}")
+    half = seq_len // 2
+    values = torch.rand(n, seq_len, generator=generator)
+    first = torch.randint(0, half, (n,), generator=generator)
+    second = torch.randint(half, seq_len, (n,), generator=generator)
+    rows = torch.arange(n)
+    marker = torch.zeros(n, seq_len)
+    marker[rows, first] = 1.0
+    marker[rows, second] = 1.0
+    return torch.stack([values, marker], dim=-1), values[rows, first] + values[rows, second]
+
+
+def _generated(name, batch, seq_len, train_subset, test_subset, **task_kw) -> Task:
+    """A generated task: fresh training batches, a fixed test set from SYNTHETIC_TEST_SEED."""
+    n_test = max(SYNTHETIC_TEST_SIZE, test_subset or 0)
+    test = _subset(*batch(n_test, torch.Generator().manual_seed(SYNTHETIC_TEST_SEED), seq_len), test_subset)
+    return Task(name, test=test, generate=lambda n, g: batch(n, g, seq_len),
+                batches_per_epoch=train_subset or SYNTHETIC_BATCHES_PER_EPOCH,
+                info={"T": seq_len, "test_seed": SYNTHETIC_TEST_SEED}, **task_kw)
+
+
+def copying(train_subset=None, test_subset=None, seq_len=None, **_) -> Task:
+    """Copying task with delay T = ``seq_len`` (default 1000); see :func:`copying_batch`.
+
+    ``train_subset``: training batches per epoch; per-step 9-class head, metric mean
+    cross-entropy, baseline :func:`memoryless_copying_baseline`.
+    """
+    T = seq_len or COPYING_T
+    return _generated("copying", copying_batch, T, train_subset, test_subset, input_size=COPY_DELIMITER + 1,
+                      output_size=COPY_CATEGORIES + 1, metric="ce", per_step=True,
+                      baseline=memoryless_copying_baseline(T, COPY_SYMBOLS, COPY_CATEGORIES))
+
+
+def adding(train_subset=None, test_subset=None, seq_len=None, **_) -> Task:
+    """Adding problem of length T = ``seq_len`` (default 750); see :func:`adding_batch`.
+
+    ``train_subset``: training batches per epoch; one output at the last step, metric
+    MSE, baseline ``ADDING_BASELINE`` = 1/6 (always answering 1).
+    """
+    T = seq_len or ADDING_T
+    return _generated("adding", adding_batch, T, train_subset, test_subset, input_size=2, output_size=1,
+                      metric="mse", baseline=ADDING_BASELINE)
+
+
 #: name -> loader(data_dir=..., train_subset=..., test_subset=..., seq_len=...) -> Task
 TASKS: dict[str, Callable[..., Task]] = {
     "smnist": smnist,
     "digits": lambda data_dir=None, **kw: digits(**kw),
+    "psmnist": psmnist,
+    "pmnist": pmnist,
+    "copying": lambda data_dir=None, **kw: copying(**kw),
+    "adding": lambda data_dir=None, **kw: adding(**kw),
 }
 
 
@@ -248,9 +465,41 @@ def memoryless_copying_baseline(seq_len: int, n_symbols: int = 10, n_categories:
     return n_symbols * math.log(n_categories) / (seq_len + 2 * n_symbols)
 
 
-__all__ = ["DataError", "TASKS", "Task", "default_data_dir", "load_mnist_tensors", "load_task"]
+__all__ = ["ADDING_BASELINE", "DataError", "PERMUTATION_SEED", "TASKS", "TASK_PROFILES", "Task", "adding_batch",
+           "copying_batch", "default_data_dir", "load_mnist_tensors", "load_task", "memoryless_copying_baseline",
+           "pmnist_permutation"]
 
 
 #: Per-task overrides of the sweep profiles: TASK_PROFILES[task][profile] -> {RunConfig field: value}.
 #: bench.ablate applies these on top of its generic profile values (explicit flags win).
-TASK_PROFILES: dict[str, dict[str, dict]] = {}
+#: The long tasks set every field they depend on (train_subset is batches per epoch for the
+#: generated copying and adding); see the module docstring for times and expectations.
+_UNI = {"num_layers": 1, "bidirectional": False}
+_PIXEL_PROFILES = {
+    "smoke": {**_UNI, "hidden_size": 16, "epochs": 1, "batch_size": 64, "lr": 1e-3, "train_subset": 256,
+              "test_subset": 256, "seq_len": None, "perf_iters": 2},
+    "quick": {**_UNI, "hidden_size": 32, "epochs": 3, "batch_size": 64, "lr": 2e-3, "train_subset": 2048,
+              "test_subset": 1000, "seq_len": None, "perf_iters": 5},
+    "paper": {**_UNI, "hidden_size": 170, "epochs": 70, "batch_size": 128, "lr": 7e-4, "train_subset": None,
+              "test_subset": None, "seq_len": None, "perf_iters": 20},
+}
+TASK_PROFILES: dict[str, dict[str, dict]] = {
+    "psmnist": _PIXEL_PROFILES,
+    "pmnist": _PIXEL_PROFILES,
+    "copying": {
+        "smoke": {**_UNI, "hidden_size": 16, "epochs": 1, "batch_size": 32, "lr": 1e-3, "train_subset": 5,
+                  "test_subset": 64, "seq_len": 20, "perf_iters": 2},
+        "quick": {**_UNI, "hidden_size": 64, "epochs": 10, "batch_size": 64, "lr": 2e-3, "train_subset": 50,
+                  "test_subset": 1000, "seq_len": 100, "perf_iters": 5},
+        "paper": {**_UNI, "hidden_size": 190, "epochs": 40, "batch_size": 128, "lr": 1e-3, "train_subset": 100,
+                  "test_subset": 1000, "seq_len": 1000, "perf_iters": 20},
+    },
+    "adding": {
+        "smoke": {**_UNI, "hidden_size": 16, "epochs": 1, "batch_size": 32, "lr": 1e-3, "train_subset": 5,
+                  "test_subset": 64, "seq_len": 30, "perf_iters": 2},
+        "quick": {**_UNI, "hidden_size": 64, "epochs": 10, "batch_size": 64, "lr": 2e-3, "train_subset": 50,
+                  "test_subset": 1000, "seq_len": 100, "perf_iters": 5},
+        "paper": {**_UNI, "hidden_size": 128, "epochs": 100, "batch_size": 50, "lr": 1e-3, "train_subset": 100,
+                  "test_subset": 1000, "seq_len": 750, "perf_iters": 20},
+    },
+}

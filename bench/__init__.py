@@ -1,0 +1,1 @@
+"""bench: the cdbench harness (tasks, method registry, sweeps, plots)."""

@@ -1,0 +1,5 @@
+import sys
+
+from .ablate import main
+
+sys.exit(main())

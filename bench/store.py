@@ -1,0 +1,128 @@
+"""Crash-safe result files: ``runs.csv`` (one row per run), ``history.csv`` (one row per
+run per epoch), guarded by a lock on the output folder.
+
+* Each row is written whole with a single ``write`` on an ``O_APPEND`` descriptor and
+  flushed to disk (``fsync``), so a SIGKILL at any moment leaves files that pandas
+  reads: at worst the last line is missing, never half written rows in the middle.
+* A sweep holds ``<out>/.lock`` (an OS file lock, released even on SIGKILL) while it
+  writes; a second sweep on the same folder refuses with a clear message.
+* At the start of a sweep the files are compacted (rewritten atomically): a torn last
+  line is dropped, rows of planned runs that are not ``ok`` (or all planned rows, with
+  ``--force``) are removed so that they are redone, never duplicated.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+from pathlib import Path
+
+RUN_COLUMNS = [
+    "run_id", "method", "task", "seed", "num_layers", "hidden_size", "bidirectional", "granularity",
+    "penalty_param", "epochs", "batch_size", "lr", "lr_constrained", "device", "profile", "train_subset",
+    "test_subset", "seq_len", "perf_iters", "status", "error", "diverged_epoch", "metric", "baseline",
+    "test_metric", "test_metric_projected", "test_acc", "test_acc_projected", "train_loss", "feasibility_raw",
+    "feasibility_eff", "reprojections", "train_samples_per_s", "eval_samples_per_s", "train_step_ms",
+    "constraint_share", "peak_mem_mb", "param_count", "n_train", "n_test", "train_s", "wall_s",
+    "resumed_from_epoch", "executor", "worker", "host", "device_name", "torch_version", "git_commit", "confusion",
+]
+HISTORY_COLUMNS = [
+    "run_id", "method", "task", "seed", "penalty_param", "epoch", "step", "train_loss", "train_metric", "metric",
+    "test_metric", "test_acc", "feasibility_raw", "feasibility_eff", "epoch_s", "train_wall_s",
+]
+
+
+class FolderBusy(RuntimeError):
+    """Another sweep holds the output folder's lock."""
+
+
+def _line(values: dict, columns: list[str]) -> bytes:
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerow(["" if values.get(c) is None else values.get(c) for c in columns])
+    return buf.getvalue().encode()
+
+
+def read_rows(path: Path) -> list[dict]:
+    """Complete rows of a CSV written by this module (a torn last line is ignored)."""
+    if not path.is_file():
+        return []
+    text = path.read_text()
+    if text and not text.endswith("\n"):
+        text = text[: text.rfind("\n") + 1]
+    return list(csv.DictReader(io.StringIO(text)))
+
+
+def _rewrite(path: Path, rows: list[dict], columns: list[str]) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(_line({c: c for c in columns}, columns))
+        for r in rows:
+            f.write(_line(r, columns))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class ResultStore:
+    """The result files of one output folder; use as a context manager (holds the lock)."""
+
+    def __init__(self, out: str | os.PathLike) -> None:
+        self.out = Path(out)
+        self.runs_path = self.out / "runs.csv"
+        self.history_path = self.out / "history.csv"
+        self._lock = None
+
+    def __enter__(self) -> "ResultStore":
+        from filelock import FileLock, Timeout
+
+        self.out.mkdir(parents=True, exist_ok=True)
+        self._lock = FileLock(str(self.out / ".lock"), timeout=0)
+        try:
+            self._lock.acquire()
+        except Timeout:
+            raise FolderBusy(
+                f"another sweep is writing to {self.out} (lock {self.out / '.lock'}); wait for it to finish "
+                f"or choose another --out"
+            ) from None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._lock is not None:
+            self._lock.release()
+
+    def prepare(self, planned_ids: set[str], force: bool = False) -> set[str]:
+        """Compact the files for a sweep of ``planned_ids``; return the ids already ``ok``."""
+        runs = read_rows(self.runs_path)
+        kept, seen, done = [], set(), set()
+        for r in runs:
+            rid = r.get("run_id", "")
+            if rid in seen:
+                continue
+            if rid in planned_ids and (force or r.get("status") != "ok"):
+                continue
+            seen.add(rid)
+            kept.append(r)
+            if r.get("status") == "ok":
+                done.add(rid)
+        kept_ids = {r["run_id"] for r in kept}
+        history = [h for h in read_rows(self.history_path)
+                   if h.get("run_id") in kept_ids or h.get("run_id") not in planned_ids]
+        _rewrite(self.runs_path, kept, RUN_COLUMNS)
+        _rewrite(self.history_path, history, HISTORY_COLUMNS)
+        return done
+
+    def _append(self, path: Path, rows: list[dict], columns: list[str]) -> None:
+        if not rows:
+            return
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, b"".join(_line(r, columns) for r in rows))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def record(self, row: dict, history: list[dict]) -> None:
+        """Append one finished run: its history rows first, then its run row."""
+        self._append(self.history_path, history, HISTORY_COLUMNS)
+        self._append(self.runs_path, [row], RUN_COLUMNS)
