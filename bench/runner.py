@@ -18,6 +18,7 @@ import time
 import traceback
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -159,23 +160,29 @@ def evaluate(model: SeqModel, task: Task, device, batch_size: int = 1000, with_p
     return (value, torch.cat(preds) if preds else None) if with_predictions else value
 
 
-def measure_throughput(cfg: RunConfig, task: Task, warmup: int = 3) -> dict:
-    """Train and eval samples/s of a fresh model of ``cfg`` and the constraint's share.
+@dataclass
+class Steps:
+    """The timed units of a configuration, on a fixed batch already on the device."""
 
-    One train step is forward, loss (+ penalty), backward and optimiser step on a fixed
-    batch already on the device (no data loading); one eval step a no-grad forward.
-    Warm-up steps are discarded; CUDA is synchronised before each clock read.
-    """
+    train: Callable[[], None]  # forward, loss (+ penalty), backward, optimiser step
+    eval: Callable[[], None]  # no-grad forward in eval mode
+    constraint: Callable[[], None] | None  # the constraint's own work (see bench.methods)
+    batch_size: int
+    model: nn.Module
+
+
+def make_steps(cfg: RunConfig, task: Task) -> Steps:
+    """Build a fresh model of ``cfg`` and the step functions that the harness's throughput
+    columns and ``nox -s perf`` time (data loading excluded: the batch is moved first)."""
     model, built = build(cfg, task)
     opt = built.optimizer(model)
     device = torch.device(cfg.device)
-    sync = measure.synchronizer(device)
     gen = torch.Generator().manual_seed(derive_seed("perf", cfg.seed))
     x, y = next(task.train_batches(cfg.batch_size, gen))
     x, y = x.to(device), y.to(device)
-    n = x.shape[0]
 
     def train_step():
+        model.train()
         out = model(x)
         loss = task.loss(out, y)
         if built.penalty is not None:
@@ -185,20 +192,32 @@ def measure_throughput(cfg: RunConfig, task: Task, warmup: int = 3) -> dict:
         opt.step()
 
     def eval_step():
+        model.eval()
         with torch.no_grad():
             model(x)
 
-    t_train = measure.time_fn(train_step, warmup=warmup, iters=cfg.perf_iters, sync=sync)
-    model.eval()
-    t_eval = measure.time_fn(eval_step, warmup=warmup, iters=cfg.perf_iters, sync=sync)
-    model.train()
+    return Steps(train_step, eval_step, built.constraint_work, int(x.shape[0]), model)
+
+
+def measure_throughput(cfg: RunConfig, task: Task, warmup: int = 3) -> dict:
+    """Train and eval samples/s of a fresh model of ``cfg`` and the constraint's share.
+
+    Warm-up steps are discarded; CUDA is synchronised before each clock read
+    (:func:`bench.measure.time_fn`).  ``constraint_share`` is the time of the
+    constraint's own work (map and penalty with their backward, the retraction, or the
+    trivialisation) divided by the time of the whole train step.
+    """
+    steps = make_steps(cfg, task)
+    sync = measure.synchronizer(cfg.device)
+    t_train = measure.time_fn(steps.train, warmup=warmup, iters=cfg.perf_iters, sync=sync)
+    t_eval = measure.time_fn(steps.eval, warmup=warmup, iters=cfg.perf_iters, sync=sync)
     share = 0.0
-    if built.constraint_work is not None:
-        t_c = measure.time_fn(built.constraint_work, warmup=warmup, iters=cfg.perf_iters, sync=sync)
+    if steps.constraint is not None:
+        t_c = measure.time_fn(steps.constraint, warmup=warmup, iters=cfg.perf_iters, sync=sync)
         share = t_c.seconds_per_iter / t_train.seconds_per_iter
     return {
-        "train_samples_per_s": n / t_train.seconds_per_iter,
-        "eval_samples_per_s": n / t_eval.seconds_per_iter,
+        "train_samples_per_s": steps.batch_size / t_train.seconds_per_iter,
+        "eval_samples_per_s": steps.batch_size / t_eval.seconds_per_iter,
         "train_step_ms": 1e3 * t_train.seconds_per_iter,
         "constraint_share": share,
     }
@@ -335,6 +354,6 @@ def run_one(cfg: RunConfig, data_dir=None, checkpoint_dir=None, progress=None) -
 
 
 CONFIG_FIELDS = [f.name for f in fields(RunConfig)]
-__all__ = ["CONFIG_FIELDS", "RunConfig", "SeqModel", "build", "derive_seed", "evaluate", "measure_throughput",
-           "run_one"]
+__all__ = ["CONFIG_FIELDS", "RunConfig", "SeqModel", "Steps", "build", "derive_seed", "evaluate", "make_steps",
+           "measure_throughput", "run_one"]
 
