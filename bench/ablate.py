@@ -230,6 +230,17 @@ def git_commit() -> str:
         return "unknown"
 
 
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def environment(devices) -> dict:
     from .measure import cpu_count
 
@@ -238,8 +249,7 @@ def environment(devices) -> dict:
         "torch_version": torch.__version__,
         "cuda_version": torch.version.cuda,
         "cudnn_version": torch.backends.cudnn.version() if cuda else None,
-        "device_names": {d: (torch.cuda.get_device_name(0) if d == "cuda" else platform.processor() or platform.machine())
-                         for d in devices},
+        "device_names": {d: (torch.cuda.get_device_name(0) if d == "cuda" else cpu_name()) for d in devices},
         "cpu_count": cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),
