@@ -1,0 +1,49 @@
+"""pytest-benchmark micro-benchmarks: one training step and one eval forward per case.
+
+The cases (method x hidden x batch x device, with their rounds) come from
+:func:`bench.perf.load_plan`.  Each case builds a fresh model with
+:func:`bench.runner.make_steps` (the batch is already on the device, so data loading is
+not timed) and times
+
+* ``Steps.train``: forward, loss (+ penalty), backward, optimiser step;
+* ``Steps.eval``: a no-grad forward in eval mode,
+
+with ``benchmark.pedantic(step, setup=sync, rounds=R, iterations=1, warmup_rounds=W)``:
+the ``W`` warm-up rounds are run and discarded, and every round times exactly one call.
+On CUDA the timed function ends with ``torch.cuda.synchronize()`` (kernels are
+asynchronous: without it the clock would stop when the work was queued, not done), and
+``setup`` synchronises before each round so no earlier work spills into the timing.
+On CPU both are no-ops.
+"""
+
+import pytest
+import torch
+
+from bench import measure, perf
+from bench.methods import METHODS
+from bench.runner import make_steps
+
+
+def _bench(benchmark, task_for, case):
+    if not METHODS[case["method"]].available():
+        pytest.skip(f"{case['method']} needs {METHODS[case['method']].requires}")
+    if case["device"] == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    cfg = perf.run_config(case["method"], case["hidden"], case["batch"], case["device"])
+    steps = make_steps(cfg, task_for(case["batch"]))
+    sync = measure.synchronizer(case["device"])
+    benchmark.group = f"{case['kind']} {case['device']} H{case['hidden']} B{case['batch']}"
+    benchmark.extra_info.update({k: case[k] for k in ("method", "device", "hidden", "batch", "kind", "warmup")},
+                                samples=steps.batch_size, torch_threads=torch.get_num_threads())
+    benchmark.pedantic(perf.timed_step(getattr(steps, case["kind"]), case["device"]), setup=sync,
+                       rounds=case["rounds"], warmup_rounds=case["warmup"], iterations=1)
+
+
+@pytest.mark.parametrize("case", perf.load_plan("train"), ids=perf.case_id)
+def test_train_step(benchmark, task_for, case):
+    _bench(benchmark, task_for, case)
+
+
+@pytest.mark.parametrize("case", perf.load_plan("eval"), ids=perf.case_id)
+def test_eval_step(benchmark, task_for, case):
+    _bench(benchmark, task_for, case)

@@ -1,0 +1,160 @@
+"""Tests of the measurement code (bench.measure, bench.runner.measure_throughput,
+bench.perf) that do not depend on the machine's speed: fake clocks, recorded events."""
+
+import csv
+import functools
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench import measure, perf, runner
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class FakeClock:
+    """A clock that only moves when told to: ``advance(dt)``; every read is logged."""
+
+    def __init__(self, events):
+        self.now, self.events = 0.0, events
+
+    def advance(self, dt):
+        self.now += dt
+
+    def __call__(self):
+        self.events.append("clock")
+        return self.now
+
+
+@pytest.mark.parametrize("warmup,iters", [(0, 1), (3, 4), (5, 10)])
+def test_time_fn_excludes_warmup_and_syncs_before_each_clock_read(warmup, iters):
+    events = []
+    clock = FakeClock(events)
+
+    def fn():
+        events.append("call")
+        clock.advance(1.0 if events.count("clock") else 100.0)  # warm-up calls are slow
+
+    t = measure.time_fn(fn, warmup=warmup, iters=iters, sync=lambda: events.append("sync"), clock=clock)
+    assert events == ["call"] * warmup + ["sync", "clock"] + ["call"] * iters + ["sync", "clock"]
+    assert t.seconds_per_iter == 1.0  # the mean covers exactly the `iters` timed calls
+    assert (t.iters, t.warmup) == (iters, warmup)
+    assert t.per_s == 1.0
+
+
+@pytest.mark.parametrize("iters,warmup", [(0, 3), (-1, 0), (5, -1)])
+def test_time_fn_rejects_bad_counts(iters, warmup):
+    with pytest.raises(ValueError):
+        measure.time_fn(lambda: None, warmup=warmup, iters=iters)
+
+
+def test_synchronizer_cpu_is_noop_and_cuda_calls_cuda_synchronize(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: calls.append(a))
+    assert measure.synchronizer("cpu")() is None
+    assert calls == []
+    measure.synchronizer("cuda")()  # no GPU needed: torch.cuda.synchronize is replaced
+    assert len(calls) == 1 and torch.device(calls[0][0]).type == "cuda"
+
+
+def test_timed_step_syncs_after_the_step(monkeypatch):
+    events = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: events.append("sync"))
+    perf.timed_step(lambda: events.append("step"), "cuda")()
+    assert events == ["step", "sync"]
+    events.clear()
+    perf.timed_step(lambda: events.append("step"), "cpu")()
+    assert events == ["step"]
+
+
+def _fake_steps(clock, constraint_s, rest_s, batch=32):
+    """A train step made of a constraint part and an LSTM part with known durations."""
+    constraint = functools.partial(clock.advance, constraint_s)
+    rest = functools.partial(clock.advance, rest_s)
+
+    def train():
+        constraint()
+        rest()
+
+    return runner.Steps(train=train, eval=rest, constraint=constraint, batch_size=batch, model=None), rest
+
+
+@pytest.mark.parametrize("constraint_s,rest_s", [(0.25, 0.75), (3e-3, 7e-2), (2.0, 1e-3)])
+def test_time_fn_composition_split_adds_up(constraint_s, rest_s):
+    clock = FakeClock([])
+    steps, rest = _fake_steps(clock, constraint_s, rest_s)
+    timed = {name: measure.time_fn(fn, warmup=2, iters=5, clock=clock).seconds_per_iter
+             for name, fn in [("train", steps.train), ("constraint", steps.constraint), ("rest", rest)]}
+    share = timed["constraint"] / timed["train"]
+    assert share == pytest.approx(constraint_s / (constraint_s + rest_s))
+    assert share + timed["rest"] / timed["train"] == pytest.approx(1.0, abs=1e-9)
+
+
+def test_measure_throughput_constraint_share(monkeypatch):
+    """measure_throughput with make_steps and the clock replaced (through the module
+    attributes it looks up) reports the known constraint share and samples/s."""
+    clock = FakeClock([])
+    constraint_s, rest_s, batch = 0.2, 0.6, 16
+    steps, rest = _fake_steps(clock, constraint_s, rest_s, batch)
+    monkeypatch.setattr(runner, "make_steps", lambda cfg, task: steps)
+    monkeypatch.setattr(measure, "time_fn", functools.partial(measure.time_fn, clock=clock))
+    out = runner.measure_throughput(runner.RunConfig(method="cd", perf_iters=4), task=None, warmup=2)
+    t_rest = measure.time_fn(rest, warmup=0, iters=3).seconds_per_iter
+    assert out["constraint_share"] == pytest.approx(constraint_s / (constraint_s + rest_s))
+    assert out["constraint_share"] + t_rest / (constraint_s + rest_s) == pytest.approx(1.0)
+    assert out["train_samples_per_s"] == pytest.approx(batch / (constraint_s + rest_s))
+    assert out["eval_samples_per_s"] == pytest.approx(batch / rest_s)
+    assert out["train_step_ms"] == pytest.approx(1e3 * (constraint_s + rest_s))
+
+
+def test_peak_memory_positive_on_cpu():
+    measure.reset_peak_memory("cpu")
+    assert measure.peak_memory_mb("cpu") > 0
+    assert measure.cpu_count() >= 1
+
+
+def test_rounds_budget():
+    assert perf.rounds_for(0.1, 3, 5, 30.0) == (3, 5)
+    assert perf.rounds_for(0.1, 3, 5, None) == (3, 5)
+    assert perf.rounds_for(10.0, 3, 5, 30.0) == (1, 2)
+    assert perf.rounds_for(100.0, 3, 5, 30.0) == (1, 1)  # a slow benchmark still runs once
+    plan = perf.make_plan(["lstm", "geotorch_expm"], [512], [64], ["cpu"], gflops={"cpu": 50.0})
+    slow = {(c["method"], c["kind"]): c for c in plan}
+    assert not slow[("lstm", "eval")]["cut"] and slow[("geotorch_expm", "train")]["cut"]
+    assert all(c["rounds"] >= 1 and c["warmup"] >= 0 for c in plan)
+
+
+def test_shape28_task_has_the_notebooks_shape():
+    task = perf.shape28_task(8)
+    x, y = task.train
+    assert x.shape == (8, 28, 28) and y.shape == (8,) and task.output_size == 10 and task.seq_len == 28
+    cfg = perf.run_config("cd", 64, 8, "cpu")
+    assert (cfg.num_layers, cfg.bidirectional, cfg.penalty_param) == (2, True, 0.5)
+    assert perf.run_config("lstm", 64, 8, "cpu").penalty_param is None
+
+
+def test_perf_cli_end_to_end(tmp_path):
+    out = tmp_path / "perf"
+    cmd = [sys.executable, "-m", "bench.perf", "--quick", "--methods", "lstm", "cd", "--hidden", "16",
+           "--batch", "8", "--rounds", "1", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for name in ["table.csv", "table.md", "relative_throughput.png", "scaling.png", "command.txt"]:
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    rows = list(csv.DictReader((out / "table.csv").open()))
+    assert {(r["method"], r["kind"]) for r in rows} == {(m, k) for m in ("lstm", "cd") for k in ("train", "eval")}
+    assert all((r["hidden"], r["batch"], r["rounds"]) == ("16", "8", "1") for r in rows)
+    for r in rows:
+        assert float(r["median_ms"]) > 0 and float(r["samples_per_s"]) > 0
+        if r["method"] == "lstm":
+            assert float(r["ratio_to_lstm"]) == 1.0
+        else:
+            assert float(r["ratio_to_lstm"]) > 0
+    assert "ratio_to_lstm" in (out / "table.md").read_text()
+    command = (out / "command.txt").read_text()
+    assert "python -m bench.perf --quick --methods lstm cd --hidden 16 --batch 8 --rounds 1" in command
+    for key in ("torch:", "cpu count:", "date:"):
+        assert key in command
