@@ -174,7 +174,8 @@ def make_plan(args) -> tuple[list[RunConfig], list[str], str]:
     for d in args.device or ["auto"]:
         if d == "auto":
             d = "cuda" if torch.cuda.is_available() else "cpu"
-        if d == "cuda" and not torch.cuda.is_available():
+        remote = args.executor == "dask" and args.scheduler  # the workers' GPUs, not the driver's
+        if d == "cuda" and not torch.cuda.is_available() and not remote:
             raise UsageError("device 'cuda' asked for but CUDA is not available; allowed here: cpu, auto")
         if d not in devices:
             devices.append(d)
@@ -362,4 +363,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from bench.ablate import main as _main  # one module instance, hence one UsageError class
+
+    sys.exit(_main())
