@@ -29,15 +29,6 @@ from .runner import RunConfig, run_one
 CONNECT_TIMEOUT_S = 5
 
 
-class ExecutorUsageError(UsageError, ValueError):
-    """Bad executor options (exit status 2).
-
-    Also a ``ValueError``: under ``python -m bench.ablate`` the CLI module runs as
-    ``__main__`` and catches its own copy of ``UsageError``, not ``bench.ablate``'s;
-    it catches ``ValueError`` as bad input too.
-    """
-
-
 class LocalExecutor:
     name = "local"
 
@@ -163,13 +154,13 @@ class DaskExecutor:
 
     def __init__(self, scheduler: str | None = None, workers: int | None = None) -> None:
         if (scheduler is None) == (workers is None):
-            raise ExecutorUsageError("--executor dask needs exactly one of --scheduler ADDRESS (an existing "
+            raise UsageError("--executor dask needs exactly one of --scheduler ADDRESS (an existing "
                                      "cluster) or --workers N (a LocalCluster started here)")
         try:
             import dask
             from dask.distributed import Client, LocalCluster
         except ImportError:
-            raise ExecutorUsageError("--executor dask needs dask.distributed: "
+            raise UsageError("--executor dask needs dask.distributed: "
                                      "pip install 'cdbench[dask]'") from None
         self._cluster = None
         self._token = uuid.uuid4().hex[:8]  # keeps the task keys of concurrent sweeps apart
@@ -185,7 +176,7 @@ class DaskExecutor:
             self.close()
             what = f"scheduler {scheduler!r}" if workers is None else f"a LocalCluster of {workers} workers"
             msg = f"{type(e).__name__}: {e}".replace("\n", " ")
-            raise ExecutorUsageError(f"cannot reach {what}: {msg[:300]}") from None
+            raise UsageError(f"cannot reach {what}: {msg[:300]}") from None
         self.scheduler = self.client.scheduler.address
         self._n_workers = len(self.client.scheduler_info()["workers"])
         self._versions = {"dask_version": dask.__version__}
@@ -270,4 +261,4 @@ def make_executor(name: str, scheduler: str | None = None, workers: int | None =
         return LocalExecutor()
     if name == "dask":
         return DaskExecutor(scheduler=scheduler, workers=workers)
-    raise ExecutorUsageError(f"unknown executor {name!r}; allowed: local, dask")
+    raise UsageError(f"unknown executor {name!r}; allowed: local, dask")
