@@ -135,6 +135,41 @@ def throughput_table(runs: pd.DataFrame) -> pd.DataFrame:
     return agg
 
 
+def plot_curves(runs, hist, folder: Path) -> list[str]:
+    """Per task: training loss and test metric against optimiser step and wall time,
+    with the task's baseline (e.g. the memoryless copying loss) drawn where it has one."""
+    if hist.empty:
+        return []
+    out = []
+    for task, h in hist.groupby("task"):
+        r = runs[runs["task"] == task]
+        metric = r["metric"].dropna().iloc[0] if r["metric"].notna().any() else "acc"
+        baseline = r["baseline"].dropna().iloc[0] if "baseline" in r and r["baseline"].notna().any() else None
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+        lab = h["method"] + h["penalty_param"].map(lambda p: "" if pd.isna(p) else f" penalty_param={p:g}")
+        for key, g in h.groupby(lab):
+            g = g.groupby("epoch")[["step", "train_wall_s", "train_loss", "test_metric"]].mean()
+            col = "test_metric" if metric != "acc" else "train_loss"
+            for ax, x in zip(axes, ("step", "train_wall_s")):
+                ax.plot(g[x], g[col], marker=".", label=key)
+        ylabel = METRIC_LABEL.get(metric, metric) if metric != "acc" else "training loss (cross-entropy)"
+        for ax, xl in zip(axes, ("optimiser step", "training wall time (s)")):
+            if baseline is not None:
+                ax.axhline(baseline, color="k", ls="--", lw=1, label=f"baseline {baseline:.3g}")
+            ax.set_xlabel(xl)
+            ax.grid(alpha=0.3)
+        axes[0].set_ylabel(ylabel + " (mean over seeds)")
+        axes[0].set_yscale("log")
+        axes[1].legend(fontsize=7)
+        fig.suptitle(f"{task}: loss curves", fontsize=10)
+        fig.tight_layout()
+        name = f"curves_{task}.png"
+        fig.savefig(folder / name, dpi=100)
+        plt.close(fig)
+        out.append(name)
+    return out
+
+
 def plot_throughput(runs, folder: Path) -> list[str]:
     t = throughput_table(runs)
     if t.empty or t["train_vs_lstm"].isna().all():
@@ -270,6 +305,7 @@ def make_all(folder) -> list[str]:
     if len(runs):
         images += plot_metric_vs_penalty(runs, folder)
         images += plot_feasibility(runs, hist, folder)
+        images += plot_curves(runs, hist, folder)
         images += plot_throughput(runs, folder)
         images += plot_vs_size(runs, folder)
         images += plot_confusions(runs, folder)
