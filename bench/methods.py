@@ -65,6 +65,15 @@ def hh_names(lstm: nn.LSTM) -> list[str]:
     return [n for n in lstm._flat_weights_names if n.startswith("weight_hh_l")]
 
 
+#: upstream gradient used when timing the constraint's backward on its own: small, like a
+#: training gradient (the cost of expm's backward grows with the norm of its input)
+GRAD_SCALE = 1e-3
+
+
+def _upstream(t: Tensor) -> Tensor:
+    return torch.full_like(t, GRAD_SCALE)
+
+
 def _split_params(model: nn.Module, constrained: list[Tensor]):
     ids = {id(p) for p in constrained}
     return [p for p in model.parameters() if id(p) not in ids]
@@ -100,7 +109,7 @@ def build_cd(lstm: nn.LSTM, cfg) -> Built:
 
     def work():
         eff, pen = rnn.effective_weights()
-        torch.autograd.grad([pen, *eff], raws, [torch.ones_like(pen), *[torch.ones_like(e) for e in eff]])
+        torch.autograd.grad([pen, *eff], raws, [torch.ones_like(pen), *map(_upstream, eff)])
 
     return Built(rnn=rnn, optimizer=lambda model: _adam(model, raws, cfg), weights=weights,
                  penalty=lambda: cdcore.quad_penalty(rnn), constraint_work=work)
@@ -123,7 +132,7 @@ def _geotorch(triv: str):
 
         def work():
             eff = [getattr(lstm, n) for n in names]
-            torch.autograd.grad(eff, originals, [torch.ones_like(e) for e in eff])
+            torch.autograd.grad(eff, originals, list(map(_upstream, eff)))
 
         return Built(rnn=lstm, optimizer=lambda model: _adam(model, originals, cfg), weights=weights,
                      constraint_work=work, context=parametrize.cached)
@@ -148,7 +157,7 @@ def build_cayley(lstm: nn.LSTM, cfg) -> Built:
 
     def work():
         X = to_blocks(torch.stack(hh), cfg.granularity).flatten(0, 1).detach()
-        G = torch.ones_like(X) if hh[0].grad is None else to_blocks(
+        G = _upstream(X) if hh[0].grad is None else to_blocks(
             torch.stack([p.grad for p in hh]), cfg.granularity).flatten(0, 1)
         stiefel.retr_cayley(X, stiefel.proju(X, -1e-3 * G))
 
@@ -181,7 +190,7 @@ def build_cdopt(lstm: nn.LSTM, cfg) -> Built:
         X = torch.stack(raws)
         A = rnn.manifold.A(X)
         pen = cfg.penalty_param * rnn.manifold.C_quad_penalty(X)
-        torch.autograd.grad([pen, A], raws, [torch.ones_like(pen), torch.ones_like(A)])
+        torch.autograd.grad([pen, A], raws, [torch.ones_like(pen), _upstream(A)])
 
     return Built(rnn=rnn, optimizer=lambda model: _adam(model, raws, cfg), weights=weights,
                  penalty=lambda: cdnn.get_quad_penalty(rnn), constraint_work=work)
