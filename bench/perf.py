@@ -393,6 +393,82 @@ def environment_lines(devices) -> list[str]:
 # CLI
 
 
+def paired_ratios(methods, hidden: int, batch: int, device: str, rounds: int = 40, warmup: int = 3,
+                  kind: str = "train", seed: int = 0) -> list[dict]:
+    """Throughput relative to ``lstm`` from interleaved, paired timings.
+
+    Every round times one step (``kind``: ``"train"`` or ``"eval"``) of each method, in
+    a random order, each between two device synchronisations; the ratio
+    t_lstm / t_method is taken within the round, and the median and quartiles over
+    rounds are reported.  Pairing within a round cancels slow drifts of the machine's
+    speed (frequency changes, other tenants), which on a shared CPU are larger than the
+    few per cent being measured.  Warm-up steps of every method run first.
+
+    Returns
+    -------
+    list of dict
+        One row per method: method, device, hidden, batch, kind, rounds, median_ms,
+        vs_lstm (median of t_lstm / t_method; > 1 is faster), vs_lstm_q1, vs_lstm_q3.
+    """
+    import random
+    import statistics
+
+    from .runner import make_steps
+
+    if "lstm" not in methods:
+        methods = ["lstm", *methods]
+    task = shape28_task(max(batch, 64))
+    sync = measure.synchronizer(device)
+    fns = {m: getattr(make_steps(run_config(m, hidden, batch, device), task), kind) for m in methods}
+    for m in methods:
+        for _ in range(warmup):
+            fns[m]()
+    times = {m: [] for m in methods}
+    order, rng = list(methods), random.Random(seed)
+    for _ in range(rounds):
+        rng.shuffle(order)
+        for m in order:
+            sync()
+            t0 = time.perf_counter()
+            fns[m]()
+            sync()
+            times[m].append(time.perf_counter() - t0)
+    rows = []
+    for m in methods:
+        r = sorted(a / b for a, b in zip(times["lstm"], times[m]))
+        q1, _, q3 = statistics.quantiles(r, n=4) if len(r) > 1 else (r[0], r[0], r[0])
+        rows.append(dict(method=m, device=device, hidden=hidden, batch=batch, kind=kind, rounds=rounds,
+                         median_ms=1e3 * statistics.median(times[m]), vs_lstm=statistics.median(r),
+                         vs_lstm_q1=q1, vs_lstm_q3=q3))
+    return rows
+
+
+def run_paired(args, argv, methods, hidden, batch, devices) -> int:
+    """``--paired``: interleaved ratios for every hidden x batch x device x kind; writes
+    paired.csv, paired.md and paired_command.txt in ``--out``."""
+    import pandas as pd
+
+    rows = []
+    for device in devices:
+        for h in hidden:
+            for b in batch:
+                for kind in KINDS:
+                    new = paired_ratios(methods, h, b, device, rounds=args.rounds or 40,
+                                        warmup=3 if args.warmup is None else args.warmup, kind=kind)
+                    rows += new
+                    print(f"bench.perf --paired: {device} H{h} B{b} {kind}: " + ", ".join(
+                        f"{r['method']} {r['vs_lstm']:.3f}" for r in new), flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    df = pd.DataFrame(rows)
+    df.to_csv(out / "paired.csv", index=False)
+    (out / "paired.md").write_text(df.to_markdown(index=False, floatfmt=".3f") + "\n")
+    lines = [shlex.join(["python", "-m", "bench.perf", *argv]), *environment_lines(devices)]
+    (out / "paired_command.txt").write_text("\n".join(lines) + "\n")
+    print(f"bench.perf: wrote {out}/paired.csv, paired.md, paired_command.txt")
+    return 0
+
+
 def _positive_int(s: str) -> int:
     v = int(s)
     if v < 1:
@@ -417,6 +493,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "rounds (0: no budget)")
     p.add_argument("--out", default="results/perf", help="output folder (default results/perf)")
     p.add_argument("--dry-run", action="store_true", help="print the plan and estimate, run nothing")
+    p.add_argument("--paired", action="store_true",
+                   help="interleaved, paired timing of the methods against lstm (ratios robust to drifts of "
+                        "the machine's speed) instead of pytest-benchmark; default 40 rounds")
     args = p.parse_args(argv)
     if args.warmup is not None and args.warmup < 0:
         p.error("--warmup must be >= 0")
@@ -457,6 +536,8 @@ def main(argv=None) -> int:
     hidden = args.hidden or (QUICK_HIDDEN if args.quick else HIDDEN)
     batch = args.batch or (QUICK_BATCH if args.quick else BATCH)
     devices = args.device or default_devices()
+    if args.paired:
+        return run_paired(args, argv, methods, hidden, batch, devices)
     gflops = {d: calibrate_gflops(d) for d in devices}
     plan = make_plan(methods, hidden, batch, devices, warmup=args.warmup, rounds=args.rounds,
                      max_seconds=args.max_seconds or None, gflops=gflops)

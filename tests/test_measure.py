@@ -158,3 +158,26 @@ def test_perf_cli_end_to_end(tmp_path):
     assert "python -m bench.perf --quick --methods lstm cd --hidden 16 --batch 8 --rounds 1" in command
     for key in ("torch:", "cpu count:", "date:"):
         assert key in command
+
+
+def test_paired_ratios_pairs_within_rounds(monkeypatch):
+    from bench import perf
+
+    class FakeSteps:
+        def __init__(self, cost):
+            self.train = self.eval = lambda: clock.advance(cost)
+
+    class Clock:
+        t = 0.0
+
+        def advance(self, dt):
+            self.t += dt
+
+    clock = Clock()
+    costs = {"lstm": 1.0, "cd": 1.25}
+    monkeypatch.setattr("bench.runner.make_steps", lambda cfg, task: FakeSteps(costs[cfg.method]))
+    monkeypatch.setattr(perf.time, "perf_counter", lambda: clock.t)
+    rows = {r["method"]: r for r in perf.paired_ratios(["cd"], 8, 4, "cpu", rounds=5, warmup=1)}
+    assert rows["lstm"]["vs_lstm"] == 1.0
+    assert rows["cd"]["vs_lstm"] == pytest.approx(0.8)
+    assert rows["cd"]["median_ms"] == pytest.approx(1250.0)
