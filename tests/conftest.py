@@ -24,3 +24,14 @@ def mnist_dir() -> str:
 def _private_cache(tmp_path_factory, monkeypatch):
     """Decompressed MNIST goes to a per-session writable cache, never next to the input."""
     monkeypatch.setenv("BENCH_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+@pytest.fixture
+def f64():
+    """float64 as the default dtype for the duration of a test (numerical checks)."""
+    import torch
+
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)

@@ -8,12 +8,7 @@ import cdcore
 from cdcore import dissolving, stiefel
 
 
-@pytest.fixture(autouse=True)
-def _f64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("f64")
 
 
 def test_A_is_identity_on_manifold():

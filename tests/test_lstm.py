@@ -9,12 +9,7 @@ import cdcore
 from cdcore import dissolving, stiefel
 
 
-@pytest.fixture(autouse=True)
-def _f64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("f64")
 
 
 def _perturb_raw(model, scale=0.05, seed=0):

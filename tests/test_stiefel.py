@@ -5,12 +5,7 @@ from cdcore import stiefel
 
 
 
-@pytest.fixture(autouse=True)
-def _f64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("f64")
 
 
 def test_random_point_is_on_manifold_and_batched():
