@@ -39,7 +39,7 @@ from .tasks import TASK_PROFILES, TASKS, DataError, default_data_dir
 PROFILES: dict[str, dict] = {
     # seconds on a CPU: a slice of the data, a tiny model; for tests
     "smoke": dict(num_layers=1, hidden_size=16, bidirectional=True, epochs=1, batch_size=64, lr=5e-3,
-                  train_subset=512, test_subset=512, perf_iters=2),
+                  train_subset=512, test_subset=512, perf_iters=5),
     # a meaningful comparison within ~20 minutes on a 2-core CPU: the notebook's model on a
     # quarter of the training set, 2 epochs, scored on the full test set
     "quick": dict(num_layers=2, hidden_size=100, bidirectional=True, epochs=2, batch_size=64, lr=5e-4,
@@ -49,6 +49,7 @@ PROFILES: dict[str, dict] = {
                   train_subset=None, test_subset=None, perf_iters=50),
 }
 EXIT_BAD_INPUT, EXIT_NOT_ALL_OK = 2, 3
+SEQ_LEN_TASKS = ("copying", "adding")
 
 
 class UsageError(Exception):
@@ -119,21 +120,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", type=_choice("profile", [*PROFILES, "auto"]), default=None,
                    help="smoke, quick, paper, or auto (paper on CUDA, quick otherwise); default: paper")
     p.add_argument("--penalty", nargs="+", type=_penalty, help="penalty_param values (penalty methods only); default 0.5")
-    p.add_argument("--layers", nargs="+", type=_positive_int("layers"))
-    p.add_argument("--hidden", nargs="+", type=_positive_int("hidden size"))
+    p.add_argument("--layers", nargs="+", type=_positive_int("layers"), help="default: from the profile")
+    p.add_argument("--hidden", nargs="+", type=_positive_int("hidden size"), help="default: from the profile")
     p.add_argument("--device", nargs="+", type=_choice("device", ["cpu", "cuda", "auto"]), help="default: auto")
     p.add_argument("--seeds", nargs="+", type=_int("seed"), help="default: 0")
-    p.add_argument("--epochs", nargs="+", type=_positive_int("epochs"))
-    p.add_argument("--batch-size", nargs="+", type=_positive_int("batch size"))
-    p.add_argument("--lr", nargs="+", type=_positive_float("lr"))
+    p.add_argument("--epochs", nargs="+", type=_positive_int("epochs"), help="default: from the profile")
+    p.add_argument("--batch-size", nargs="+", type=_positive_int("batch size"), help="default: from the profile")
+    p.add_argument("--lr", nargs="+", type=_positive_float("lr"), help="default: from the profile")
     p.add_argument("--lr-constrained", nargs="+", type=_positive_float("lr-constrained"),
                    help="learning rate of the constrained weights; default: same as --lr")
-    p.add_argument("--granularity", nargs="+", type=_choice("granularity", ["stacked", "per_gate"]))
+    p.add_argument("--granularity", nargs="+", type=_choice("granularity", ["stacked", "per_gate"]),
+                   help="default: stacked")
     p.add_argument("--bidirectional", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--seq-len", nargs="+", type=_positive_int("seq-len"), help="copying / adding only")
-    p.add_argument("--train-subset", type=_positive_int("train-subset"))
-    p.add_argument("--test-subset", type=_positive_int("test-subset"))
-    p.add_argument("--perf-iters", type=_positive_int("perf-iters"))
+    p.add_argument("--train-subset", type=_positive_int("train-subset"), help="default: from the profile (copying/adding: batches per epoch)")
+    p.add_argument("--test-subset", type=_positive_int("test-subset"), help="default: from the profile")
+    p.add_argument("--perf-iters", type=_positive_int("perf-iters"), help="timed steps for the throughput columns; default: from the profile")
     p.add_argument("--data-dir", default=None, help="MNIST root (default: $BENCH_DATA_DIR or ./data)")
     p.add_argument("--out", default=None, help="output folder (default: results/<task>-<profile>)")
     p.add_argument("--force", action="store_true", help="rerun runs already recorded ok")
@@ -179,6 +181,9 @@ def make_plan(args) -> tuple[list[RunConfig], list[str], str]:
             raise UsageError("device 'cuda' asked for but CUDA is not available; allowed here: cpu, auto")
         if d not in devices:
             devices.append(d)
+    if args.seq_len and any(t not in SEQ_LEN_TASKS for t in args.task or ["smnist"]):
+        raise UsageError(f"--seq-len applies to tasks {', '.join(SEQ_LEN_TASKS)} only; got --task "
+                         f"{' '.join(args.task or ['smnist'])}")
     plan = []
     for task in args.task or ["smnist"]:
         base = {**PROFILES[profile], **TASK_PROFILES.get(task, {}).get(profile, {})}

@@ -102,8 +102,8 @@ def plot_feasibility(runs, hist, folder: Path) -> list[str]:
         mean = g.groupby("epoch")[["feasibility_raw", "feasibility_eff"]].mean()
         line, = ax.plot(mean.index, mean["feasibility_raw"].clip(lower=1e-12), marker="o", label=f"{lab} raw")
         if (mean["feasibility_eff"] != mean["feasibility_raw"]).any():
-            ax.plot(mean.index, mean["feasibility_eff"].clip(lower=1e-12), ls="--", color=line.get_color(),
-                    label=f"{lab} effective")
+            ax.plot(mean.index, mean["feasibility_eff"].clip(lower=1e-12), ls="--", marker="x",
+                    color=line.get_color(), label=f"{lab} effective")
     ax.set_yscale("log")
     ax.set_xlabel("epoch")
     ax.set_ylabel("max ||W^T W - I||_F over recurrent weights")
@@ -278,7 +278,11 @@ def write_summary(runs, folder: Path, images: list[str]) -> None:
                   f"{m.get('torch_version')}, devices {m.get('device_names')}, {m.get('cpu_count')} CPUs.", ""]
     counts = runs["status"].value_counts().to_dict()
     lines += [f"Runs: {len(runs)} ({', '.join(f'{v} {k}' for k, v in counts.items())}). "
-              "Mean ± std over seeds; throughput measured after warm-up on a fixed batch.", ""]
+              "Mean ± std over seeds; throughput measured after warm-up on a fixed batch "
+              "(samples/s; 'vs lstm' > 1 is faster).", ""]
+    if "perf_iters" in runs and runs["perf_iters"].min() < 10:
+        lines += [f"Note: throughput here comes from only {int(runs['perf_iters'].min())} timed steps per run: "
+                  "read it as a smoke check, not a measurement (use `nox -s perf` or a quick/paper sweep).", ""]
     lines += [summary_table(runs).to_markdown(index=False), ""]
     t = throughput_table(runs)
     if not t.empty and t["train_vs_lstm"].notna().any():

@@ -91,6 +91,7 @@ BAD = [
     (["--penalty", "-0.1"], "penalty_param must be a finite number >= 0; got '-0.1'"),
     (["--penalty", "inf"], "penalty_param must be a finite number >= 0; got 'inf'"),
     (["--seeds", "1.5"], "seed must be an integer; got '1.5'"),
+    (["--seq-len", "50"], "--seq-len applies to tasks copying, adding only; got --task digits"),
 ]
 
 
