@@ -24,6 +24,12 @@ ARCH = ["task", "num_layers", "hidden_size", "bidirectional", "granularity", "ep
 METRIC_LABEL = {"acc": "test accuracy (%)", "ce": "test cross-entropy", "mse": "test MSE"}
 
 
+def _save(fig, path: Path, dpi: int = 110) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+
+
 def _read(folder: Path):
     runs = pd.read_csv(folder / "runs.csv")
     hist = pd.read_csv(folder / "history.csv") if (folder / "history.csv").is_file() else pd.DataFrame()
@@ -85,9 +91,7 @@ def plot_metric_vs_penalty(runs: pd.DataFrame, folder: Path) -> list[str]:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
         name = f"metric_vs_penalty_{len(out)}.png" if runs["_arch"].nunique() > 1 else "metric_vs_penalty.png"
-        fig.tight_layout()
-        fig.savefig(folder / name, dpi=110)
-        plt.close(fig)
+        _save(fig, folder / name, 110)
         out.append(name)
     return out
 
@@ -96,7 +100,6 @@ def plot_feasibility(runs, hist, folder: Path) -> list[str]:
     if hist.empty:
         return []
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    labels = runs.set_index("run_id")
     for (method, pen), g in hist.groupby(["method", hist["penalty_param"].fillna(-1)]):
         lab = method if pen < 0 else f"{method} penalty_param={pen:g}"
         mean = g.groupby("epoch")[["feasibility_raw", "feasibility_eff"]].mean()
@@ -110,10 +113,7 @@ def plot_feasibility(runs, hist, folder: Path) -> list[str]:
     ax.set_title("feasibility (mean over seeds; dashed: the weight the forward uses)", fontsize=9)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=6, ncol=2)
-    fig.tight_layout()
-    fig.savefig(folder / "feasibility_vs_epoch.png", dpi=110)
-    plt.close(fig)
-    _ = labels
+    _save(fig, folder / "feasibility_vs_epoch.png", 110)
     return ["feasibility_vs_epoch.png"]
 
 
@@ -162,10 +162,8 @@ def plot_curves(runs, hist, folder: Path) -> list[str]:
         axes[0].set_yscale("log")
         axes[1].legend(fontsize=7)
         fig.suptitle(f"{task}: loss curves", fontsize=10)
-        fig.tight_layout()
         name = f"curves_{task}.png"
-        fig.savefig(folder / name, dpi=100)
-        plt.close(fig)
+        _save(fig, folder / name, 100)
         out.append(name)
     return out
 
@@ -186,9 +184,7 @@ def plot_throughput(runs, folder: Path) -> list[str]:
     ax.set_ylabel("samples/s relative to lstm")
     ax.set_title("throughput relative to a plain nn.LSTM (same sweep, same shapes)", fontsize=9)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(folder / "throughput.png", dpi=110)
-    plt.close(fig)
+    _save(fig, folder / "throughput.png", 110)
     return ["throughput.png"]
 
 
@@ -209,9 +205,7 @@ def plot_vs_size(runs, folder: Path) -> list[str]:
         ax.set_ylabel(METRIC_LABEL.get(metric, metric))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(folder / name, dpi=110)
-        plt.close(fig)
+        _save(fig, folder / name, 110)
         out.append(name)
     return out
 
@@ -228,10 +222,8 @@ def plot_confusions(runs, folder: Path) -> list[str]:
         ConfusionMatrixDisplay(cm).plot(ax=ax, colorbar=False, values_format="d")
         pen = "" if pd.isna(best["penalty_param"]) else f", penalty_param={best['penalty_param']:g}"
         ax.set_title(f"{method}{pen}: {100 * best['test_metric']:.2f}% of {int(cm.sum())} test images", fontsize=9)
-        fig.tight_layout()
         name = f"confusion_{method}.png"
-        fig.savefig(folder / name, dpi=100)
-        plt.close(fig)
+        _save(fig, folder / name, 100)
         out.append(name)
     return out
 
