@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from .methods import METHODS
-from .runner import RunConfig, run_one
+from .runner import RunConfig
 from .store import FolderBusy, ResultStore
 from .tasks import TASK_PROFILES, TASKS, DataError, default_data_dir
 

@@ -28,7 +28,7 @@ from torch.nn.utils import parametrize
 
 import cdcore
 from cdcore import stiefel
-from cdcore.dissolving import from_blocks, to_blocks
+from cdcore.dissolving import project, to_blocks
 
 
 @dataclass
@@ -145,7 +145,7 @@ def build_cayley(lstm: nn.LSTM, cfg) -> Built:
     with torch.no_grad():
         for n in names:
             w = getattr(lstm, n)
-            w.copy_(from_blocks(stiefel.projx(to_blocks(w, cfg.granularity)), cfg.granularity))
+            w.copy_(project(w, cfg.granularity))
     hh = [getattr(lstm, n) for n in names]
 
     def optimizer(model):

@@ -23,8 +23,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from cdcore import stiefel
-from cdcore.dissolving import from_blocks, to_blocks
+from cdcore import weight_feasibility
+from cdcore.dissolving import project
 
 from . import measure
 from .methods import METHODS, Built
@@ -121,8 +121,8 @@ def feasibility(built: Built, granularity: str) -> tuple[float, float]:
     """Max over recurrent weights of ||C(W)||_F for the raw and the effective weights."""
     with torch.no_grad():
         ws = built.weights()
-        raw = max(stiefel.feasibility(to_blocks(r, granularity)).norm().item() for r, _ in ws.values())
-        eff = max(stiefel.feasibility(to_blocks(e, granularity)).norm().item() for _, e in ws.values())
+        raw = max(weight_feasibility(r, granularity) for r, _ in ws.values())
+        eff = max(weight_feasibility(e, granularity) for _, e in ws.values())
     return raw, eff
 
 
@@ -138,7 +138,7 @@ def projected_model(model: SeqModel, built: Built, granularity: str) -> SeqModel
         for n in plain._flat_weights_names:
             src = eff[n] if n in eff else getattr(rnn, n)
             if n in eff:
-                src = from_blocks(stiefel.projx(to_blocks(src, granularity)), granularity)
+                src = project(src, granularity)
             getattr(plain, n).copy_(src)
     return SeqModel(plain, copy.deepcopy(model.head), model.per_step)
 
@@ -311,7 +311,7 @@ def run_one(cfg: RunConfig, data_dir=None, checkpoint_dir=None, progress=None) -
                 "feasibility_raw": feas_raw, "feasibility_eff": feas_eff,
                 "epoch_s": epoch_s, "train_wall_s": elapsed,
             })
-            exploded = METHODS[cfg.method].name != "lstm" and not (feas_raw < FEASIBILITY_EXPLODED)
+            exploded = method.name != "lstm" and not (feas_raw < FEASIBILITY_EXPLODED)
             if not math.isfinite(train_loss) or exploded or not math.isfinite(test_metric):
                 raise Diverged(epoch)
             if ckpt is not None:

@@ -28,7 +28,6 @@ from __future__ import annotations
 import math
 import warnings
 
-import torch
 from torch import Tensor, nn
 
 from . import stiefel
@@ -41,6 +40,7 @@ __all__ = [
     "dissolve_map",
     "dissolve_with_penalty",
     "from_blocks",
+    "project",
     "quad_penalty_value",
     "to_blocks",
 ]
@@ -106,6 +106,27 @@ def from_blocks(B: Tensor, granularity: str) -> Tensor:
         return B.squeeze(-3)
     k, h, _ = B.shape[-3:]
     return B.reshape(*B.shape[:-3], k * h, h)
+
+
+def project(W: Tensor, granularity: str) -> Tensor:
+    """Nearest point of the manifold for a weight: the polar factor of each block.
+
+    Parameters
+    ----------
+    W : Tensor, shape (k H, H) or (n, p), n >= p
+    granularity : {"stacked", "per_gate"}
+
+    Returns
+    -------
+    Tensor, shape and dtype of ``W``, no autograd history
+        :func:`cdcore.stiefel.projx` of each block of :func:`to_blocks`.
+
+    Raises
+    ------
+    ValueError
+        Bad shape or granularity.
+    """
+    return from_blocks(stiefel.projx(to_blocks(W, granularity)), granularity)
 
 
 def dissolve_map(X: Tensor) -> Tensor:
@@ -197,7 +218,7 @@ class Dissolve(nn.Module):
         return from_blocks(dissolve_map(to_blocks(X, self.granularity)), self.granularity)
 
     def right_inverse(self, W: Tensor) -> Tensor:
-        return from_blocks(stiefel.projx(to_blocks(W, self.granularity)), self.granularity)
+        return project(W, self.granularity)
 
     def penalty(self, X: Tensor) -> Tensor:
         """``penalty_param * ||C||_F^2`` summed over the blocks of the raw weight ``X`` (a scalar)."""

@@ -13,9 +13,8 @@ import weakref
 import torch
 from torch import Tensor, nn
 
-from . import stiefel
 from .constrain import dissolve
-from .dissolving import check_granularity, check_penalty_param, dissolve_with_penalty, from_blocks, to_blocks
+from .dissolving import check_granularity, check_penalty_param, dissolve_with_penalty, from_blocks, project, to_blocks
 
 __all__ = ["StiefelLSTM"]
 
@@ -194,7 +193,7 @@ class StiefelLSTM(nn.LSTM):
             for name in out._flat_weights_names:
                 src = getattr(lstm, name)
                 if name in out.dissolved_names:
-                    src = from_blocks(stiefel.projx(to_blocks(src, granularity)), granularity)
+                    src = project(src, granularity)
                 out._leaf(name).copy_(src)
         return out
 
@@ -216,7 +215,7 @@ class StiefelLSTM(nn.LSTM):
             for name in self._flat_weights_names:
                 src = self._leaf(name)
                 if name in self.dissolved_names:
-                    src = from_blocks(stiefel.projx(to_blocks(src, self.granularity)), self.granularity)
+                    src = project(src, self.granularity)
                 getattr(lstm, name).copy_(src)
         return lstm
 
