@@ -25,6 +25,53 @@ def test_gradcheck_map_and_penalty():
     assert torch.autograd.gradgradcheck(dissolving.quad_penalty_value, (X,))
 
 
+def _autograd_reference(X):
+    C = X.transpose(-2, -1) @ X - torch.eye(X.shape[-1], dtype=X.dtype)
+    return X - 0.5 * (X @ C), C.square().sum(dim=(-2, -1))
+
+
+@pytest.mark.parametrize("shape", [(9, 4), (3, 10, 10), (2, 3, 8, 2)])
+def test_closed_form_backward_equals_autograd_of_the_formula(shape):
+    g = torch.Generator().manual_seed(4)
+    X = torch.randn(*shape, generator=g, requires_grad=True)
+    G = torch.randn(*shape, generator=g)
+    w = torch.randn(shape[:-2], generator=g)
+    A, sq = dissolving.dissolve_with_penalty(X)
+    A_ref, sq_ref = _autograd_reference(X)
+    assert torch.allclose(A, A_ref, atol=1e-13) and torch.allclose(sq, sq_ref, atol=1e-12)
+    losses = [lambda A, sq: (A * G).sum() + (w * sq).sum(),
+              lambda A, sq: (A * G).sum(),  # penalty unused: its gradient arrives as None
+              lambda A, sq: (w * sq).sum()]  # map unused
+    for loss in losses:
+        got, = torch.autograd.grad(loss(*dissolving.dissolve_with_penalty(X)), X)
+        want, = torch.autograd.grad(loss(*_autograd_reference(X)), X)
+        assert torch.allclose(got, want, atol=1e-12)
+
+
+def test_closed_form_backward_is_differentiable_again():
+    X = (stiefel.random_point(7, 3, 2, generator=torch.Generator().manual_seed(5)) + 0.2 * torch.randn(2, 7, 3))
+    X.requires_grad_(True)
+    assert torch.autograd.gradcheck(dissolving.dissolve_with_penalty, (X,))
+    assert torch.autograd.gradgradcheck(dissolving.dissolve_with_penalty, (X,))
+    # Hessian-vector product of the penalised objective equals the one through autograd of the formula
+    V = torch.randn(2, 7, 3)
+    hv = []
+    for fn in (dissolving.dissolve_with_penalty, _autograd_reference):
+        A, sq = fn(X)
+        grad, = torch.autograd.grad(A.square().sum() + 0.5 * sq.sum(), X, create_graph=True)
+        hv.append(torch.autograd.grad((grad * V).sum(), X)[0])
+    assert torch.allclose(hv[0], hv[1], atol=1e-12)
+
+
+def test_matches_cdopt_jacobian_transpose():
+    cdopt_st = pytest.importorskip("cdopt.manifold_torch").stiefel_torch
+    M = cdopt_st((8, 3), dtype=torch.float64)
+    g = torch.Generator().manual_seed(6)
+    X, G = torch.randn(8, 3, generator=g), torch.randn(8, 3, generator=g)
+    assert torch.allclose(dissolving.dissolve_vjp(X, stiefel.constraint(X), G, None), M.JA_transpose(X, G),
+                          atol=1e-12)
+
+
 def test_matches_cdopt_formulas():
     cdopt_st = pytest.importorskip("cdopt.manifold_torch").stiefel_torch
     M = cdopt_st((8, 3), dtype=torch.float64)
