@@ -251,16 +251,22 @@ def retr_cayley(X: Tensor, U: Tensor, step: float | Tensor = 1.0) -> Tensor:
     check_point(X)
     if U.shape != X.shape:
         raise ValueError(f"U must have the shape of X {tuple(X.shape)}, got {tuple(U.shape)}")
+    p = X.shape[-1]
     Xt = X.transpose(-2, -1)
-    Ut = U - 0.5 * X @ (Xt @ U)  # (I - X X^T / 2) U, never forming X X^T
-    A = torch.cat([Ut, X], dim=-1)  # (..., n, 2p)
-    B = torch.cat([X, -Ut], dim=-1)  # (..., n, 2p)
+    XtU, XtX = Xt @ U, Xt @ X
+    Ut = U - 0.5 * (X @ XtU)  # (I - X X^T / 2) U, never forming X X^T
+    # B^T A = [[X^T Ut, X^T X], [-Ut^T Ut, -Ut^T X]] and B^T X = [X^T X; -Ut^T X], assembled
+    # from p x p blocks: X^T Ut = X^T U - X^T X X^T U / 2 costs O(p^3), not O(n p^2)
+    XtUt = XtU - 0.5 * (XtX @ XtU)
+    UtX = XtUt.transpose(-2, -1)
+    BtA = torch.cat([torch.cat([XtUt, XtX], dim=-1),
+                     torch.cat([-(Ut.transpose(-2, -1) @ Ut), -UtX], dim=-1)], dim=-2)  # (..., 2p, 2p)
+    BtX = torch.cat([XtX, -UtX], dim=-2)  # (..., 2p, p)
     if isinstance(step, Tensor):
         t = step.to(dtype=X.dtype).reshape(step.shape + (1, 1))
     else:
         t = float(step)
-    Bt = B.transpose(-2, -1)
-    eye2p = torch.eye(2 * X.shape[-1], dtype=X.dtype, device=X.device)
-    lhs = eye2p - 0.5 * t * (Bt @ A)  # (..., 2p, 2p)
-    rhs = Bt @ X  # (..., 2p, p)
-    return X + t * (A @ torch.linalg.solve(lhs, rhs))
+    eye2p = torch.eye(2 * p, dtype=X.dtype, device=X.device)
+    S = torch.linalg.solve(eye2p - 0.5 * t * BtA, BtX)  # (..., 2p, p)
+    # A S with A = [Ut, X]
+    return X + t * (Ut @ S[..., :p, :] + X @ S[..., p:, :])
