@@ -35,6 +35,35 @@ class _ForwardPenalty:
         return _ForwardPenalty()
 
 
+class _NoGradWeights:
+    """A(W) from the last forward without autograd, valid while the raw weights are the
+    same tensors (same objects, storage and version): evaluation reuses it across batches.
+
+    Never copied: ``copy.deepcopy`` of the module gets an empty cache.
+    """
+
+    __slots__ = ("refs", "key", "value")
+
+    def __init__(self) -> None:
+        self.refs, self.key, self.value = (), None, None
+
+    def get(self, raws):
+        if self.value is None or len(raws) != len(self.refs) or any(r() is not w for r, w in zip(self.refs, raws)):
+            return None
+        return self.value if self.key == self._key(raws) else None
+
+    def put(self, raws, value) -> None:
+        self.refs = tuple(weakref.ref(w) for w in raws)
+        self.key, self.value = self._key(raws), value
+
+    @staticmethod
+    def _key(raws):
+        return tuple((w._version, w.data_ptr(), w.dtype, w.device) for w in raws)
+
+    def __deepcopy__(self, memo) -> "_NoGradWeights":
+        return _NoGradWeights()
+
+
 class StiefelLSTM(nn.LSTM):
     r"""Multi-layer (bi)LSTM with every recurrent weight constrained by constraint dissolving.
 
@@ -65,6 +94,11 @@ class StiefelLSTM(nn.LSTM):
     -----
     Inputs and outputs are those of :class:`torch.nn.LSTM`: input (L, N, H_in) or
     (N, L, H_in) with ``batch_first``, output (L, N, D H), h_n and c_n (D num_layers, N, H).
+
+    Without autograd (``torch.no_grad()``, evaluation), A(W) is computed once and reused
+    by later forwards until a raw weight changes (in place, by the optimiser or
+    ``load_state_dict``, or by being replaced), so evaluating many batches pays the
+    constraint once.
     """
 
     def __init__(
@@ -94,6 +128,7 @@ class StiefelLSTM(nn.LSTM):
         for name in self.dissolved_names:
             dissolve(self, name, penalty_param=penalty_param, granularity=granularity)
         self._penalty = _ForwardPenalty()
+        self._no_grad_weights = _NoGradWeights()
         self._init_flat_weights()
 
     # -- nn.LSTM's weight list: only leaves, so nothing is evaluated twice ------------
@@ -134,7 +169,19 @@ class StiefelLSTM(nn.LSTM):
             In the order of ``self.dissolved_names``.
         penalty : Tensor, 0-dim
             penalty_param * sum over weights of ||W^T W - I||_F^2 (against the granularity).
+
+        Without autograd the result is cached until a raw weight changes (see the class notes).
         """
+        if torch.is_grad_enabled():
+            return self._compute_effective()
+        raws = [self.parametrizations[n].original for n in self.dissolved_names]
+        cached = self._no_grad_weights.get(raws)
+        if cached is None:
+            cached = self._compute_effective()
+            self._no_grad_weights.put(raws, cached)
+        return list(cached[0]), cached[1]
+
+    def _compute_effective(self) -> tuple[list[Tensor], Tensor]:
         X = self._raw_stack()
         A, sq = dissolve_with_penalty(X)
         k = len(self.dissolved_names)

@@ -189,3 +189,37 @@ def test_from_lstm_copies_projects_and_keeps_the_random_stream():
     assert torch.equal(torch.random.get_rng_state(), state)
     assert torch.equal(m.weight_ih_l1_reverse, lstm.weight_ih_l1_reverse)
     assert torch.allclose(m.parametrizations.weight_hh_l0.original, stiefel.projx(lstm.weight_hh_l0))
+
+
+def test_no_grad_forwards_reuse_the_map_until_a_weight_changes(monkeypatch):
+    m = cdcore.StiefelLSTM(4, 3, num_layers=2, bidirectional=True, penalty_param=1.0)
+    calls = {"n": 0}
+    orig = dissolving.dissolve_with_penalty
+    monkeypatch.setattr("cdcore.lstm.dissolve_with_penalty",
+                        lambda X: (calls.__setitem__("n", calls["n"] + 1), orig(X))[1])
+    x = torch.randn(5, 2, 4)
+    with torch.no_grad():
+        first, _ = m(x)
+        again, _ = m(x)
+    assert calls["n"] == 1 and torch.equal(first, again)
+    m(x)  # with autograd: always computed
+    assert calls["n"] == 2
+    raw = m.parametrizations.weight_hh_l1_reverse.original
+    with torch.no_grad():
+        raw.add_(0.01)  # in place, as an optimiser does: the cache is stale
+        changed, _ = m(x)
+    assert calls["n"] == 3 and not torch.allclose(changed, first)
+    state = {k: v.clone() for k, v in m.state_dict().items()}
+    m.load_state_dict({k: (v * 0.5 if "weight_hh" in k else v) for k, v in state.items()})
+    with torch.no_grad():
+        loaded, _ = m(x)
+    assert calls["n"] == 4
+    other = torch.float32 if x.dtype == torch.float64 else torch.float64
+    m.to(other)  # new tensors
+    with torch.no_grad():
+        converted, _ = m(x.to(other))
+    assert calls["n"] == 5 and converted.dtype == other
+    fresh = cdcore.StiefelLSTM(4, 3, num_layers=2, bidirectional=True, penalty_param=1.0).to(other)
+    fresh.load_state_dict(m.state_dict())
+    with torch.no_grad():
+        assert torch.allclose(fresh(x.to(other))[0], converted)
