@@ -393,30 +393,20 @@ def environment_lines(devices) -> list[str]:
 # CLI
 
 
-def paired_ratios(methods, hidden: int, batch: int, device: str, rounds: int = 40, warmup: int = 3,
-                  kind: str = "train", seed: int = 0) -> list[dict]:
-    """Throughput relative to ``lstm`` from interleaved, paired timings.
+def paired_times(methods, hidden: int, batch: int, device: str, rounds: int = 40, warmup: int = 3,
+                 kind: str = "train", seed: int = 0) -> dict[str, list[float]]:
+    """Interleaved step times: ``{method: [seconds per round]}``, round i of every method paired.
 
     Every round times one step (``kind``: ``"train"`` or ``"eval"``) of each method, in
-    a random order, each between two device synchronisations; the ratio
-    t_lstm / t_method is taken within the round, and the median and quartiles over
-    rounds are reported.  Pairing within a round cancels slow drifts of the machine's
-    speed (frequency changes, other tenants), which on a shared CPU are larger than the
-    few per cent being measured.  Warm-up steps of every method run first.
-
-    Returns
-    -------
-    list of dict
-        One row per method: method, device, hidden, batch, kind, rounds, median_ms,
-        vs_lstm (median of t_lstm / t_method; > 1 is faster), vs_lstm_q1, vs_lstm_q3.
+    a random order, each between two device synchronisations.  Pairing within a round
+    cancels slow drifts of the machine's speed (frequency changes, other tenants), which
+    on a shared CPU are larger than the few per cent being measured.  Warm-up steps of
+    every method run first and are not timed.
     """
     import random
-    import statistics
 
     from .runner import make_steps
 
-    if "lstm" not in methods:
-        methods = ["lstm", *methods]
     task = shape28_task(max(batch, 64))
     sync = measure.synchronizer(device)
     fns = {m: getattr(make_steps(run_config(m, hidden, batch, device), task), kind) for m in methods}
@@ -433,39 +423,94 @@ def paired_ratios(methods, hidden: int, batch: int, device: str, rounds: int = 4
             fns[m]()
             sync()
             times[m].append(time.perf_counter() - t0)
+    return times
+
+
+def ratio_stats(base: list[float], other: list[float]) -> dict:
+    """Throughput of ``other`` relative to ``base`` from paired times (> 1: ``other`` is faster).
+
+    Returns ``ratio`` (median over rounds of t_base / t_other), ``q1``, ``q3`` (its
+    quartiles) and ``of_medians`` (median t_base / median t_other).
+    """
+    import statistics
+
+    r = sorted(a / b for a, b in zip(base, other))
+    q1, _, q3 = statistics.quantiles(r, n=4) if len(r) > 1 else (r[0], r[0], r[0])
+    return dict(ratio=statistics.median(r), q1=q1, q3=q3,
+                of_medians=statistics.median(base) / statistics.median(other))
+
+
+def paired_ratios(methods, hidden: int, batch: int, device: str, rounds: int = 40, warmup: int = 3,
+                  kind: str = "train", seed: int = 0, times: dict | None = None) -> list[dict]:
+    """Throughput relative to ``lstm`` from :func:`paired_times` (measured unless ``times`` is given).
+
+    Returns
+    -------
+    list of dict
+        One row per method: method, device, hidden, batch, kind, rounds, median_ms,
+        vs_lstm (median over rounds of t_lstm / t_method; > 1 is faster), vs_lstm_q1,
+        vs_lstm_q3, vs_lstm_of_medians (median t_lstm / median t_method).
+    """
+    import statistics
+
+    if "lstm" not in methods:
+        methods = ["lstm", *methods]
+    if times is None:
+        times = paired_times(methods, hidden, batch, device, rounds, warmup, kind, seed)
     rows = []
     for m in methods:
-        r = sorted(a / b for a, b in zip(times["lstm"], times[m]))
-        q1, _, q3 = statistics.quantiles(r, n=4) if len(r) > 1 else (r[0], r[0], r[0])
-        rows.append(dict(method=m, device=device, hidden=hidden, batch=batch, kind=kind, rounds=rounds,
-                         median_ms=1e3 * statistics.median(times[m]), vs_lstm=statistics.median(r),
-                         vs_lstm_q1=q1, vs_lstm_q3=q3))
+        st = ratio_stats(times["lstm"], times[m])
+        rows.append(dict(method=m, device=device, hidden=hidden, batch=batch, kind=kind, rounds=len(times[m]),
+                         median_ms=1e3 * statistics.median(times[m]), vs_lstm=st["ratio"],
+                         vs_lstm_q1=st["q1"], vs_lstm_q3=st["q3"], vs_lstm_of_medians=st["of_medians"]))
+    return rows
+
+
+def pairwise_rows(times: dict[str, list[float]], **key) -> list[dict]:
+    """Every ordered pair (method, baseline) of paired times: throughput of method relative to baseline."""
+    rows = []
+    for m in times:
+        for b in times:
+            if m != b:
+                st = ratio_stats(times[b], times[m])
+                rows.append(dict(**key, method=m, baseline=b, ratio=st["ratio"], q1=st["q1"], q3=st["q3"],
+                                 of_medians=st["of_medians"]))
     return rows
 
 
 def run_paired(args, argv, methods, hidden, batch, devices) -> int:
     """``--paired``: interleaved ratios for every hidden x batch x device x kind; writes
-    paired.csv, paired.md and paired_command.txt in ``--out``."""
+    paired.csv (against lstm), pairs.csv (every method against every other), paired.md
+    (both tables) and paired_command.txt in ``--out``."""
     import pandas as pd
 
-    rows = []
+    if "lstm" not in methods:
+        methods = ["lstm", *methods]
+    rows, pairs = [], []
     for device in devices:
         for h in hidden:
             for b in batch:
                 for kind in KINDS:
-                    new = paired_ratios(methods, h, b, device, rounds=args.rounds or 40,
-                                        warmup=3 if args.warmup is None else args.warmup, kind=kind)
+                    times = paired_times(methods, h, b, device, rounds=args.rounds or 40,
+                                         warmup=3 if args.warmup is None else args.warmup, kind=kind)
+                    new = paired_ratios(methods, h, b, device, kind=kind, times=times)
                     rows += new
+                    pairs += pairwise_rows(times, device=device, hidden=h, batch=b, kind=kind)
                     print(f"bench.perf --paired: {device} H{h} B{b} {kind}: " + ", ".join(
                         f"{r['method']} {r['vs_lstm']:.3f}" for r in new), flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    df = pd.DataFrame(rows)
+    df, dp = pd.DataFrame(rows), pd.DataFrame(pairs)
     df.to_csv(out / "paired.csv", index=False)
-    (out / "paired.md").write_text(df.to_markdown(index=False, floatfmt=".3f") + "\n")
+    dp.to_csv(out / "pairs.csv", index=False)
+    (out / "paired.md").write_text(
+        "Throughput relative to lstm (> 1 is faster): median over rounds of t_lstm / t_method, its quartiles,\n"
+        "and median t_lstm / median t_method.\n\n" + df.to_markdown(index=False, floatfmt=".3f")
+        + "\n\nEvery pair: throughput of method relative to baseline, the same statistics.\n\n"
+        + dp.to_markdown(index=False, floatfmt=".3f") + "\n")
     lines = [shlex.join(["python", "-m", "bench.perf", *argv]), *environment_lines(devices)]
     (out / "paired_command.txt").write_text("\n".join(lines) + "\n")
-    print(f"bench.perf: wrote {out}/paired.csv, paired.md, paired_command.txt")
+    print(f"bench.perf: wrote {out}/paired.csv, pairs.csv, paired.md, paired_command.txt")
     return 0
 
 

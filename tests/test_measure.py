@@ -180,4 +180,20 @@ def test_paired_ratios_pairs_within_rounds(monkeypatch):
     rows = {r["method"]: r for r in perf.paired_ratios(["cd"], 8, 4, "cpu", rounds=5, warmup=1)}
     assert rows["lstm"]["vs_lstm"] == 1.0
     assert rows["cd"]["vs_lstm"] == pytest.approx(0.8)
+    assert rows["cd"]["vs_lstm_of_medians"] == pytest.approx(0.8)
     assert rows["cd"]["median_ms"] == pytest.approx(1250.0)
+    assert rows["cd"]["rounds"] == 5
+
+
+def test_pairwise_ratios_are_taken_within_rounds():
+    from bench import perf
+
+    # the machine halves its speed after round 2: per-round ratios stay exact,
+    # the ratio of medians is what the drift leaves of it
+    times = {"lstm": [1.0, 1.0, 2.0, 2.0, 2.0], "cd": [1.1, 1.1, 2.2, 2.2, 2.2], "cdopt": [1.2, 1.2, 2.4, 2.4, 2.4]}
+    rows = {(r["method"], r["baseline"]): r for r in perf.pairwise_rows(times, hidden=8)}
+    assert len(rows) == 6 and rows["cd", "cdopt"]["hidden"] == 8
+    assert rows["cd", "cdopt"]["ratio"] == pytest.approx(1.2 / 1.1)
+    assert rows["cdopt", "cd"]["ratio"] == pytest.approx(1.1 / 1.2)
+    assert rows["cd", "lstm"]["q1"] == pytest.approx(1 / 1.1) == rows["cd", "lstm"]["q3"]
+    assert rows["cd", "lstm"]["of_medians"] == pytest.approx(1 / 1.1)
