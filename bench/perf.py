@@ -72,9 +72,9 @@ BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
 # the time estimate and for cutting rounds of slow benchmarks.
 _EXTRA = {
     "lstm": ((0, "np2"), (0, "np2")),
-    "cd": ((12, "np2"), (4, "np2")),
+    "cd": ((10, "np2"), (0, "np2")),  # eval: A(W) cached across no-grad forwards
     "cdopt": ((24, "np2"), (8, "np2")),
-    "cayley": ((40, "np2"), (0, "np2")),
+    "cayley": ((20, "np2"), (0, "np2")),
     "geotorch_expm": ((100, "n3"), (12, "n3")),
     "geotorch_cayley": ((20, "n3"), (9, "n3")),
 }

@@ -214,28 +214,35 @@ def random_point(
 def retr_cayley(X: Tensor, U: Tensor, step: float | Tensor = 1.0) -> Tensor:
     r"""Cayley retraction of the canonical metric, in O(n p^2) operations.
 
-    Moves from ``X`` in the tangent direction ``U`` by ``step``:
+    Moves from ``X`` in the direction ``U`` by ``step``:
 
     .. math::
         Y(t) = (I - \tfrac{t}{2} W)^{-1} (I + \tfrac{t}{2} W) X,
         \quad W = \tilde U X^T - X \tilde U^T,\quad \tilde U = (I - \tfrac12 X X^T) U,
 
-    so that W is skew, W X = U and Y'(0) = U ([WY13]_, the Cayley update scheme;
-    [EAS98]_ for the canonical metric).  With W = A B^T, A = [Ũ, X], B = [X, -Ũ] (both n x 2p), the
-    Sherman-Morrison-Woodbury formula gives ([WY13]_, its low-rank update formula)
+    so that W is skew, W X = U for tangent U and Y'(0) = U ([WY13]_, the Cayley update
+    scheme; [EAS98]_ for the canonical metric).  With W = A B^T, A = [Ũ, X],
+    B = [X, -Ũ], the Sherman-Morrison-Woodbury formula gives ([WY13]_, Lemma 4)
+    Y(t) = X + t A (I_{2p} - (t/2) B^T A)^{-1} B^T X.  On St(n, p) (X^T X = I) block
+    elimination of that 2p x 2p system leaves one p x p matrix: with a = t/2,
+    P = X^T Ũ = X^T U / 2, R = Ũ^T Ũ = U^T U - (3/4) (X^T U)^T X^T U and E = I - a P,
 
     .. math::
-        Y(t) = X + t A (I_{2p} - \tfrac{t}{2} B^T A)^{-1} B^T X,
+        Y(t) = X + t \left[U - X\left(\tfrac12 X^T U + P^T E + a R\right)\right] K^{-1},
+        \qquad K = (I + a P^T) E + a^2 R,
 
-    which needs one 2p x 2p solve and no n x n matrix.  Y^T Y = X^T X exactly in exact
-    arithmetic, so a point of St(n, p) stays on it.
+    which costs four n x p x p products (X^T U, U^T U, the X product, the K^{-1} product)
+    and a p x p inverse; K is invertible whenever I - (t/2) W is, i.e. always.  Y^T Y = I
+    in exact arithmetic; the identity X^T X = I is used, so a point off the manifold by
+    delta = ||X^T X - I|| moves by an extra O(t ||U|| delta).
 
     Parameters
     ----------
     X : Tensor, shape (..., n, p)
         A point of St(n, p).
     U : Tensor, shape (..., n, p)
-        A tangent vector at ``X`` (e.g. minus a Riemannian gradient times a learning rate).
+        A direction at ``X``, normally tangent (e.g. minus a Riemannian gradient times a
+        learning rate); for any U the result is the Cayley curve of W above.
     step : float or Tensor broadcastable to (...)
         The step length t.
 
@@ -251,22 +258,16 @@ def retr_cayley(X: Tensor, U: Tensor, step: float | Tensor = 1.0) -> Tensor:
     check_point(X)
     if U.shape != X.shape:
         raise ValueError(f"U must have the shape of X {tuple(X.shape)}, got {tuple(U.shape)}")
-    p = X.shape[-1]
-    Xt = X.transpose(-2, -1)
-    XtU, XtX = Xt @ U, Xt @ X
-    Ut = U - 0.5 * (X @ XtU)  # (I - X X^T / 2) U, never forming X X^T
-    # B^T A = [[X^T Ut, X^T X], [-Ut^T Ut, -Ut^T X]] and B^T X = [X^T X; -Ut^T X], assembled
-    # from p x p blocks: X^T Ut = X^T U - X^T X X^T U / 2 costs O(p^3), not O(n p^2)
-    XtUt = XtU - 0.5 * (XtX @ XtU)
-    UtX = XtUt.transpose(-2, -1)
-    BtA = torch.cat([torch.cat([XtUt, XtX], dim=-1),
-                     torch.cat([-(Ut.transpose(-2, -1) @ Ut), -UtX], dim=-1)], dim=-2)  # (..., 2p, 2p)
-    BtX = torch.cat([XtX, -UtX], dim=-2)  # (..., 2p, p)
     if isinstance(step, Tensor):
-        t = step.to(dtype=X.dtype).reshape(step.shape + (1, 1))
+        a = 0.5 * step.to(dtype=X.dtype).reshape(step.shape + (1, 1))
     else:
-        t = float(step)
-    eye2p = torch.eye(2 * p, dtype=X.dtype, device=X.device)
-    S = torch.linalg.solve(eye2p - 0.5 * t * BtA, BtX)  # (..., 2p, p)
-    # A S with A = [Ut, X]
-    return X + t * (Ut @ S[..., :p, :] + X @ S[..., p:, :])
+        a = 0.5 * float(step)
+    XtU = X.transpose(-2, -1) @ U
+    P = 0.5 * XtU
+    R = U.transpose(-2, -1) @ U - 0.75 * (XtU.transpose(-2, -1) @ XtU)
+    I = torch.eye(X.shape[-1], dtype=X.dtype, device=X.device)
+    E = I - a * P
+    Pt = P.transpose(-2, -1)
+    K = (I + a * Pt) @ E + (a * a) * R
+    Z = U - X @ (P + Pt @ E + a * R)  # (1/2) X^T U = P
+    return X + (2 * a) * (Z @ torch.linalg.inv(K))

@@ -73,6 +73,19 @@ def test_retr_cayley_matches_dense_formula_and_stays_feasible(n, p):
     assert torch.allclose((stiefel.retr_cayley(X, U, t) - X) / t, U, atol=1e-4)
 
 
+def test_retr_cayley_any_direction_and_near_the_manifold():
+    g = torch.Generator().manual_seed(7)
+    X = stiefel.random_point(15, 4, generator=g)
+    U = torch.randn(15, 4, generator=g)  # not tangent: still the Cayley curve of W = Ũ X^T - X Ũ^T
+    for t in (0.05, 0.5, 2.0):
+        assert torch.allclose(stiefel.retr_cayley(X, U, t), _dense_cayley(X, U, t), atol=1e-11)
+    # off the manifold by delta, the step adds only O(t ||U|| delta) to the infeasibility
+    Xd = X + 1e-6 * torch.randn(15, 4, generator=g)
+    delta = stiefel.feasibility(Xd).item()
+    Y = stiefel.retr_cayley(Xd, 1e-2 * stiefel.proju(X, U))
+    assert stiefel.feasibility(Y).item() < 1.1 * delta
+
+
 def test_retr_cayley_batched_and_tensor_step():
     g = torch.Generator().manual_seed(3)
     X = stiefel.random_point(10, 3, 4, generator=g)
