@@ -218,7 +218,21 @@ def dissolve_vjp(X: Tensor, C: Tensor, grad_A: Tensor | None, grad_sq: Tensor | 
         return -(X @ S)
     M = X.transpose(-2, -1) @ grad_A
     S = S + 0.5 * (M + M.transpose(-2, -1))
-    return grad_A - 0.5 * (grad_A @ C) - X @ S
+    return _addmm(_addmm(grad_A, grad_A, C, -0.5), X, S, -1.0)
+
+
+def _addmm(T: Tensor, A: Tensor, B: Tensor, alpha: float) -> Tensor:
+    """T + alpha A @ B in one fused BLAS call (addmm / baddbmm) for any batch shape."""
+    if A.dim() == 2:
+        return torch.addmm(T, A, B, alpha=alpha)
+    batch = torch.broadcast_shapes(A.shape[:-2], B.shape[:-2], T.shape[:-2])
+    out = torch.baddbmm(
+        T.expand(*batch, *T.shape[-2:]).reshape(-1, *T.shape[-2:]),
+        A.expand(*batch, *A.shape[-2:]).reshape(-1, *A.shape[-2:]),
+        B.expand(*batch, *B.shape[-2:]).reshape(-1, *B.shape[-2:]),
+        alpha=alpha,
+    )
+    return out.reshape(*batch, *out.shape[-2:])
 
 
 class _DissolveWithPenalty(torch.autograd.Function):
@@ -228,7 +242,7 @@ class _DissolveWithPenalty(torch.autograd.Function):
     def forward(ctx, X: Tensor):
         C = X.transpose(-2, -1) @ X
         C.diagonal(dim1=-2, dim2=-1).sub_(1)
-        A = X - 0.5 * (X @ C)
+        A = _addmm(X, X, C, -0.5)  # X - X C / 2
         ctx.save_for_backward(X, C)
         ctx.set_materialize_grads(False)  # an unused output's gradient stays None: no work for it
         return A, C.square().sum(dim=(-2, -1))
