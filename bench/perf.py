@@ -204,6 +204,8 @@ def make_plan(methods, hidden, batch, devices, *, warmup=None, rounds=None, max_
                 for m in methods:
                     for kind in KINDS:
                         est = estimate_step_s(m, h, b, kind, rate)
+                        if m != "lstm":  # every round also times one lstm step (paired_vs_lstm)
+                            est += estimate_step_s("lstm", h, b, kind, rate)
                         w0, r0 = dw if warmup is None else warmup, dr if rounds is None else rounds
                         w, r = rounds_for(est, w0, r0, max_seconds)
                         plan.append({"method": m, "device": device, "hidden": h, "batch": b, "kind": kind,
@@ -256,10 +258,16 @@ def load_results(json_path):
     """One row per benchmark of a pytest-benchmark JSON file written by ``benchmarks/``.
 
     Columns: method, device, hidden, batch, kind, warmup, rounds, median_ms, samples_per_s,
-    ratio_to_lstm.  ``ratio_to_lstm`` is the median step time divided by lstm's median
-    of the same device, hidden, batch and kind in the same file (1.0 for lstm; 2.0: twice
-    as slow); NaN when lstm was not run.
+    ratio_to_lstm, paired_vs_lstm.  ``ratio_to_lstm`` is the median step time divided by
+    lstm's median of the same device, hidden, batch and kind in the same file (1.0 for
+    lstm; 2.0: twice as slow); NaN when lstm was not run.  ``paired_vs_lstm`` is a
+    throughput ratio (> 1: faster than lstm): the median over rounds of t_lstm / t_method,
+    where t_lstm is the lstm step timed right before each round of the method
+    (``extra_info["lstm_round_s"]``), so that drifts of the machine's speed between
+    benchmarks cancel; 1.0 for lstm, NaN without those timings.
     """
+    import statistics
+
     import pandas as pd
 
     data = json.loads(Path(json_path).read_text())
@@ -269,16 +277,22 @@ def load_results(json_path):
         if "method" not in info:
             continue
         median = bm["stats"]["median"]
+        ref, data = info.get("lstm_round_s"), bm["stats"].get("data")
+        paired = (1.0 if info["method"] == "lstm" else
+                  statistics.median(a / b for a, b in zip(ref, data)) if ref and data and len(ref) == len(data)
+                  else math.nan)
         rows.append({"method": info["method"], "device": info["device"], "hidden": int(info["hidden"]),
                      "batch": int(info["batch"]), "kind": info["kind"], "warmup": int(info["warmup"]),
                      "rounds": int(bm["stats"]["rounds"]), "median_ms": 1e3 * median,
-                     "samples_per_s": info["samples"] / median})
-    cols = ["method", "device", "hidden", "batch", "kind", "warmup", "rounds", "median_ms", "samples_per_s"]
+                     "samples_per_s": info["samples"] / median, "paired_vs_lstm": paired})
+    cols = ["method", "device", "hidden", "batch", "kind", "warmup", "rounds", "median_ms", "samples_per_s",
+            "paired_vs_lstm"]
     df = pd.DataFrame(rows, columns=cols)
     key = ["device", "hidden", "batch", "kind"]
     ref = df[df["method"] == "lstm"].set_index(key)["median_ms"].rename("_lstm_ms")
     df = df.join(ref, on=key)
     df["ratio_to_lstm"] = df["median_ms"] / df["_lstm_ms"]
+    df = df[[c for c in df.columns if c != "paired_vs_lstm"] + ["paired_vs_lstm"]]
     order = {m: i for i, m in enumerate(METHODS)}
     df = df.drop(columns="_lstm_ms").sort_values(
         ["device", "kind", "hidden", "batch", "method"], key=lambda s: s.map(order) if s.name == "method" else s,
@@ -291,7 +305,8 @@ def write_tables(df, out: Path) -> None:
     df.to_csv(out / "table.csv", index=False)
     md = df.assign(median_ms=df["median_ms"].map("{:.2f}".format),
                    samples_per_s=df["samples_per_s"].map("{:.0f}".format),
-                   ratio_to_lstm=df["ratio_to_lstm"].map(lambda v: "-" if math.isnan(v) else f"{v:.2f}"))
+                   ratio_to_lstm=df["ratio_to_lstm"].map(lambda v: "-" if math.isnan(v) else f"{v:.2f}"),
+                   paired_vs_lstm=df["paired_vs_lstm"].map(lambda v: "-" if math.isnan(v) else f"{v:.2f}"))
     (out / "table.md").write_text(md.to_markdown(index=False) + "\n")
 
 
@@ -314,8 +329,9 @@ def _methods_in(df) -> list[str]:
 
 
 def plot_relative(df, path: Path) -> None:
-    """Bars of each method's throughput relative to lstm (lstm's median time / the
-    method's) per (hidden, batch), lstm being the line at 1; one panel per device and kind."""
+    """Bars of each method's throughput relative to lstm per (hidden, batch), lstm being
+    the line at 1; one panel per device and kind.  The bar is ``paired_vs_lstm`` (paired
+    within rounds) where measured, else lstm's median time / the method's."""
     import numpy as np
 
     plt = _pyplot()
@@ -329,16 +345,17 @@ def plot_relative(df, path: Path) -> None:
         x = np.arange(len(combos))
         width = 0.8 / max(1, len(methods))
         top = 1.0
-        ratio = sub.set_index(["method", "hidden", "batch"])["ratio_to_lstm"]
+        idx = sub.set_index(["method", "hidden", "batch"])
+        rel_of = (1.0 / idx["ratio_to_lstm"]).where(idx["paired_vs_lstm"].isna(), idx["paired_vs_lstm"])
         for i, m in enumerate(methods):
-            rel = [1.0 / ratio.get((m, h, b), np.nan) for h, b in combos]
+            rel = [rel_of.get((m, h, b), np.nan) for h, b in combos]
             ax.bar(x + (i - (len(methods) - 1) / 2) * width, rel, width, label=m, color=_color(m))
             top = max([top, *[v for v in rel if v == v]])
         ax.axhline(1.0, color="k", lw=0.8, label="lstm")
         ax.set_xticks(x, [f"H{h}\nB{b}" for h, b in combos])
         ax.set_ylim(0, 1.3 * top)
         ax.set_ylabel("samples/s relative to lstm")
-        ax.set_title(f"{kind} step, {device}")
+        ax.set_title(f"{kind} step, {device} (median over rounds of t_lstm / t_method, paired within rounds)")
     axes[0, 0].legend(fontsize=8, ncol=6, loc="upper center")
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -13,8 +13,14 @@ the ``W`` warm-up rounds are run and discarded, and every round times exactly on
 On CUDA the timed function ends with ``torch.cuda.synchronize()`` (kernels are
 asynchronous: without it the clock would stop when the work was queued, not done), and
 ``setup`` synchronises before each round so no earlier work spills into the timing.
-On CPU both are no-ops.
+On CPU both are no-ops.  For every method but ``lstm``, ``setup`` also times one step of
+``lstm`` of the same shape (outside the method's timing) and stores these times in
+``extra_info["lstm_round_s"]``: round i of the method is paired with the lstm step just
+before it, which makes ``paired_vs_lstm`` robust to the machine's speed drifting between
+benchmarks.
 """
+
+import time
 
 import pytest
 import torch
@@ -32,11 +38,29 @@ def _bench(benchmark, task_for, case):
     cfg = perf.run_config(case["method"], case["hidden"], case["batch"], case["device"])
     steps = make_steps(cfg, task_for(case["batch"]))
     sync = measure.synchronizer(case["device"])
+    lstm_times = []
+    if case["method"] == "lstm":
+        setup = sync
+    else:
+        # the same step of lstm, timed right before each round: the pair cancels drifts of the
+        # machine's speed between benchmarks (bench.perf.load_results -> paired_vs_lstm)
+        ref_cfg = perf.run_config("lstm", case["hidden"], case["batch"], case["device"])
+        ref_step = getattr(make_steps(ref_cfg, task_for(case["batch"])), case["kind"])
+
+        def setup():
+            sync()
+            t0 = time.perf_counter()
+            ref_step()
+            sync()
+            lstm_times.append(time.perf_counter() - t0)
+
     benchmark.group = f"{case['kind']} {case['device']} H{case['hidden']} B{case['batch']}"
     benchmark.extra_info.update({k: case[k] for k in ("method", "device", "hidden", "batch", "kind", "warmup")},
                                 samples=steps.batch_size, torch_threads=torch.get_num_threads())
-    benchmark.pedantic(perf.timed_step(getattr(steps, case["kind"]), case["device"]), setup=sync,
+    benchmark.pedantic(perf.timed_step(getattr(steps, case["kind"]), case["device"]), setup=setup,
                        rounds=case["rounds"], warmup_rounds=case["warmup"], iterations=1)
+    if lstm_times:
+        benchmark.extra_info["lstm_round_s"] = lstm_times[-case["rounds"]:]  # setup also ran before warm-ups
 
 
 @pytest.mark.parametrize("case", perf.load_plan("train"), ids=perf.case_id)

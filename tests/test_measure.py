@@ -3,6 +3,8 @@ bench.perf) that do not depend on the machine's speed: fake clocks, recorded eve
 
 import csv
 import functools
+import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -150,10 +152,13 @@ def test_perf_cli_end_to_end(tmp_path):
     for r in rows:
         assert float(r["median_ms"]) > 0 and float(r["samples_per_s"]) > 0
         if r["method"] == "lstm":
-            assert float(r["ratio_to_lstm"]) == 1.0
+            assert float(r["ratio_to_lstm"]) == 1.0 == float(r["paired_vs_lstm"])
         else:
-            assert float(r["ratio_to_lstm"]) > 0
+            assert float(r["ratio_to_lstm"]) > 0 and float(r["paired_vs_lstm"]) > 0
     assert "ratio_to_lstm" in (out / "table.md").read_text()
+    bench = json.loads((out / "benchmark.json").read_text())["benchmarks"]
+    cd = [b for b in bench if b["extra_info"]["method"] == "cd"]
+    assert cd and all(len(b["extra_info"]["lstm_round_s"]) == len(b["stats"]["data"]) == 1 for b in cd)
     command = (out / "command.txt").read_text()
     assert "python -m bench.perf --quick --methods lstm cd --hidden 16 --batch 8 --rounds 1" in command
     for key in ("torch:", "cpu count:", "date:"):
@@ -197,3 +202,27 @@ def test_pairwise_ratios_are_taken_within_rounds():
     assert rows["cdopt", "cd"]["ratio"] == pytest.approx(1.1 / 1.2)
     assert rows["cd", "lstm"]["q1"] == pytest.approx(1 / 1.1) == rows["cd", "lstm"]["q3"]
     assert rows["cd", "lstm"]["of_medians"] == pytest.approx(1 / 1.1)
+
+
+def test_load_results_pairs_each_round_with_the_lstm_step_before_it(tmp_path):
+    from bench import perf
+
+    def bm(method, data, ref=None):
+        info = dict(method=method, device="cpu", hidden=8, batch=4, kind="train", warmup=0, samples=4)
+        if ref is not None:
+            info["lstm_round_s"] = ref
+        return {"extra_info": info, "stats": {"median": sorted(data)[len(data) // 2], "rounds": len(data),
+                                              "data": data}}
+
+    # lstm was timed while the machine was fast; cd's benchmark ran while it was twice as slow
+    path = tmp_path / "b.json"
+    path.write_text(json.dumps({"benchmarks": [bm("lstm", [1.0, 1.0, 1.0]),
+                                               bm("cd", [2.2, 2.2, 2.2], ref=[2.0, 2.0, 2.0]),
+                                               bm("cdopt", [1.2, 1.2, 1.2])]}))
+    df = perf.load_results(path).set_index("method")
+    assert df.loc["cd", "ratio_to_lstm"] == pytest.approx(2.2)  # unpaired: the drift shows
+    assert df.loc["cd", "paired_vs_lstm"] == pytest.approx(2.0 / 2.2)  # paired: it cancels
+    assert df.loc["lstm", "paired_vs_lstm"] == 1.0
+    assert math.isnan(df.loc["cdopt", "paired_vs_lstm"])  # no lstm timings: not claimed
+    perf.plot_relative(df.reset_index(), tmp_path / "rel.png")
+    assert (tmp_path / "rel.png").stat().st_size > 0
