@@ -353,22 +353,33 @@ def plot_relative(df, path: Path) -> None:
             top = max([top, *[v for v in rel if v == v]])
         ax.axhline(1.0, color="k", lw=0.8, label="lstm")
         ax.set_xticks(x, [f"H{h}\nB{b}" for h, b in combos])
-        ax.set_ylim(0, 1.3 * top)
+        ax.set_ylim(0, 1.15 * top)
         ax.set_ylabel("samples/s relative to lstm")
-        ax.set_title(f"{kind} step, {device} (median over rounds of t_lstm / t_method, paired within rounds)")
-    axes[0, 0].legend(fontsize=8, ncol=6, loc="upper center")
-    fig.tight_layout()
+        ax.set_title(f"{kind} step, {device}", fontsize=10)
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=8, ncol=len(labels), loc="upper center", frameon=False)
+    fig.suptitle("median over rounds of t_lstm / t_method, each round paired with an lstm step",
+                 fontsize=9, y=0.955)
+    fig.tight_layout(rect=(0, 0, 1, 0.93))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
 def plot_scaling(df, path: Path) -> None:
     """Train-step samples/s against hidden size per method, log-log; one panel per device
-    and batch size."""
+    and batch size.  lstm's line is its measured samples/s; another method's is lstm's
+    samples/s times its ``paired_vs_lstm`` where measured (so a drift of the machine's
+    speed between benchmarks does not show as a method outrunning lstm), else its own
+    measured samples/s."""
     from matplotlib.ticker import NullLocator
 
     plt = _pyplot()
-    train = df[df["kind"] == "train"]
+    train = df[df["kind"] == "train"].copy()
+    key = ["device", "hidden", "batch"]
+    ref = train[train["method"] == "lstm"].set_index(key)["samples_per_s"].rename("_lstm_sps")
+    train = train.join(ref, on=key)
+    paired = train["_lstm_sps"] * train["paired_vs_lstm"]
+    train["samples_per_s"] = paired.where(paired.notna(), train["samples_per_s"])
     panels = sorted({(d, b) for d, b in zip(train["device"], train["batch"])})
     fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(5 * max(1, len(panels)), 4), squeeze=False)
     for ax, (device, batch) in zip(axes[0], panels):
@@ -538,8 +549,13 @@ def _positive_int(s: str) -> int:
     return v
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line naming the bad value, no usage block, exit 2 (as bench.ablate)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bench.perf", description=__doc__.split("\n\n")[0])
+    p = _Parser(prog="python -m bench.perf", description=__doc__.split("\n\n")[0])
     p.add_argument("--methods", nargs="+", choices=list(METHODS), default=None,
                    help="methods (default: every available one)")
     p.add_argument("--hidden", nargs="+", type=_positive_int, default=None, help=f"hidden sizes (default {HIDDEN})")
@@ -565,6 +581,15 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--max-seconds must be >= 0")
     if args.device and "cuda" in args.device and not torch.cuda.is_available():
         p.error("--device cuda: torch.cuda.is_available() is False")
+    if not args.dry_run:
+        out = Path(args.out)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            ok = os.access(out, os.W_OK)
+        except OSError:
+            ok = False
+        if not ok:
+            p.error(f"--out {args.out}: cannot create or write to this folder")
     return args
 
 
@@ -599,6 +624,17 @@ def main(argv=None) -> int:
     batch = args.batch or (QUICK_BATCH if args.quick else BATCH)
     devices = args.device or default_devices()
     if args.paired:
+        if "lstm" not in methods:
+            methods = ["lstm", *methods]
+        rounds, warmup = args.rounds or 40, 3 if args.warmup is None else args.warmup
+        gflops = {d: calibrate_gflops(d) for d in devices}
+        est = sum((rounds + warmup) * estimate_step_s(m, h, b, kind, gflops[d]) + estimate_build_s(m, h, gflops[d])
+                  for d in devices for h in hidden for b in batch for kind in KINDS for m in methods)
+        print(f"bench.perf --paired: {', '.join(methods)} x hidden {' '.join(map(str, hidden))} x batch "
+              f"{' '.join(map(str, batch))} x {', '.join(devices)} x train, eval; {warmup} warm-up + {rounds} "
+              f"rounds each; rough estimate {_fmt_s(est)}")
+        if args.dry_run:
+            return 0
         return run_paired(args, argv, methods, hidden, batch, devices)
     gflops = {d: calibrate_gflops(d) for d in devices}
     plan = make_plan(methods, hidden, batch, devices, warmup=args.warmup, rounds=args.rounds,

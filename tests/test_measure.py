@@ -225,4 +225,25 @@ def test_load_results_pairs_each_round_with_the_lstm_step_before_it(tmp_path):
     assert df.loc["lstm", "paired_vs_lstm"] == 1.0
     assert math.isnan(df.loc["cdopt", "paired_vs_lstm"])  # no lstm timings: not claimed
     perf.plot_relative(df.reset_index(), tmp_path / "rel.png")
-    assert (tmp_path / "rel.png").stat().st_size > 0
+    perf.plot_scaling(df.reset_index(), tmp_path / "scaling.png")
+    assert (tmp_path / "rel.png").stat().st_size > 0 and (tmp_path / "scaling.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("args, named", [(["--hidden", "0"], "0"), (["--methods", "nosuch"], "nosuch"),
+                                         (["--rounds", "0"], "0"), (["--out", "/proc/cdbench"], "/proc/cdbench")])
+def test_perf_bad_input_is_one_line_and_exit_2(tmp_path, args, named):
+    proc = subprocess.run([sys.executable, "-m", "bench.perf", "--quick", *args], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("python -m bench.perf: error:") and named in lines[0]
+    assert "Traceback" not in proc.stderr and not (tmp_path / "results").exists()
+
+
+def test_perf_paired_dry_run_prints_the_plan_and_writes_nothing(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "bench.perf", "--paired", "--methods", "cd", "--hidden", "16",
+                           "--batch", "8", "--dry-run", "--out", str(tmp_path / "p")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "lstm, cd x hidden 16 x batch 8" in proc.stdout and "estimate" in proc.stdout
+    assert not (tmp_path / "p").exists()
