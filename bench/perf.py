@@ -266,8 +266,6 @@ def load_results(json_path):
     (``extra_info["lstm_round_s"]``), so that drifts of the machine's speed between
     benchmarks cancel; 1.0 for lstm, NaN without those timings.
     """
-    import statistics
-
     import pandas as pd
 
     data = json.loads(Path(json_path).read_text())
@@ -277,9 +275,9 @@ def load_results(json_path):
         if "method" not in info:
             continue
         median = bm["stats"]["median"]
-        ref, data = info.get("lstm_round_s"), bm["stats"].get("data")
+        lstm_s, method_s = info.get("lstm_round_s"), bm["stats"].get("data")
         paired = (1.0 if info["method"] == "lstm" else
-                  statistics.median(a / b for a, b in zip(ref, data)) if ref and data and len(ref) == len(data)
+                  ratio_stats(lstm_s, method_s)["ratio"] if lstm_s and method_s and len(lstm_s) == len(method_s)
                   else math.nan)
         rows.append({"method": info["method"], "device": info["device"], "hidden": int(info["hidden"]),
                      "batch": int(info["batch"]), "kind": info["kind"], "warmup": int(info["warmup"]),
@@ -303,10 +301,10 @@ def load_results(json_path):
 def write_tables(df, out: Path) -> None:
     """``table.csv`` (full precision) and ``table.md`` (rounded) in ``out``."""
     df.to_csv(out / "table.csv", index=False)
+    ratio = lambda v: "-" if math.isnan(v) else f"{v:.2f}"  # noqa: E731
     md = df.assign(median_ms=df["median_ms"].map("{:.2f}".format),
                    samples_per_s=df["samples_per_s"].map("{:.0f}".format),
-                   ratio_to_lstm=df["ratio_to_lstm"].map(lambda v: "-" if math.isnan(v) else f"{v:.2f}"),
-                   paired_vs_lstm=df["paired_vs_lstm"].map(lambda v: "-" if math.isnan(v) else f"{v:.2f}"))
+                   ratio_to_lstm=df["ratio_to_lstm"].map(ratio), paired_vs_lstm=df["paired_vs_lstm"].map(ratio))
     (out / "table.md").write_text(md.to_markdown(index=False) + "\n")
 
 
@@ -446,11 +444,8 @@ def paired_times(methods, hidden: int, batch: int, device: str, rounds: int = 40
     for _ in range(rounds):
         rng.shuffle(order)
         for m in order:
-            sync()
-            t0 = time.perf_counter()
-            fns[m]()
-            sync()
-            times[m].append(time.perf_counter() - t0)
+            t = measure.time_fn(fns[m], warmup=0, iters=1, sync=sync, clock=time.perf_counter)
+            times[m].append(t.seconds_per_iter)
     return times
 
 
@@ -506,21 +501,18 @@ def pairwise_rows(times: dict[str, list[float]], **key) -> list[dict]:
     return rows
 
 
-def run_paired(args, argv, methods, hidden, batch, devices) -> int:
-    """``--paired``: interleaved ratios for every hidden x batch x device x kind; writes
-    paired.csv (against lstm), pairs.csv (every method against every other), paired.md
-    (both tables) and paired_command.txt in ``--out``."""
+def run_paired(args, argv, methods, hidden, batch, devices, rounds: int, warmup: int) -> int:
+    """``--paired``: interleaved ratios for every hidden x batch x device x kind (``methods``
+    starting with lstm); writes paired.csv (against lstm), pairs.csv (every method against
+    every other), paired.md (both tables) and paired_command.txt in ``--out``."""
     import pandas as pd
 
-    if "lstm" not in methods:
-        methods = ["lstm", *methods]
     rows, pairs = [], []
     for device in devices:
         for h in hidden:
             for b in batch:
                 for kind in KINDS:
-                    times = paired_times(methods, h, b, device, rounds=args.rounds or 40,
-                                         warmup=3 if args.warmup is None else args.warmup, kind=kind)
+                    times = paired_times(methods, h, b, device, rounds=rounds, warmup=warmup, kind=kind)
                     new = paired_ratios(methods, h, b, device, kind=kind, times=times)
                     rows += new
                     pairs += pairwise_rows(times, device=device, hidden=h, batch=b, kind=kind)
@@ -635,7 +627,7 @@ def main(argv=None) -> int:
               f"rounds each; rough estimate {_fmt_s(est)}")
         if args.dry_run:
             return 0
-        return run_paired(args, argv, methods, hidden, batch, devices)
+        return run_paired(args, argv, methods, hidden, batch, devices, rounds, warmup)
     gflops = {d: calibrate_gflops(d) for d in devices}
     plan = make_plan(methods, hidden, batch, devices, warmup=args.warmup, rounds=args.rounds,
                      max_seconds=args.max_seconds or None, gflops=gflops)

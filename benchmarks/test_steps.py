@@ -20,8 +20,6 @@ before it, which makes ``paired_vs_lstm`` robust to the machine's speed drifting
 benchmarks.
 """
 
-import time
-
 import pytest
 import torch
 
@@ -48,11 +46,7 @@ def _bench(benchmark, task_for, case):
         ref_step = getattr(make_steps(ref_cfg, task_for(case["batch"])), case["kind"])
 
         def setup():
-            sync()
-            t0 = time.perf_counter()
-            ref_step()
-            sync()
-            lstm_times.append(time.perf_counter() - t0)
+            lstm_times.append(measure.time_fn(ref_step, warmup=0, iters=1, sync=sync).seconds_per_iter)
 
     benchmark.group = f"{case['kind']} {case['device']} H{case['hidden']} B{case['batch']}"
     benchmark.extra_info.update({k: case[k] for k in ("method", "device", "hidden", "batch", "kind", "warmup")},

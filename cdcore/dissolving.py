@@ -216,8 +216,7 @@ def dissolve_vjp(X: Tensor, C: Tensor, grad_A: Tensor | None, grad_sq: Tensor | 
         S = -4.0 * grad_sq[..., None, None] * C
     if grad_A is None:
         return -(X @ S)
-    M = X.transpose(-2, -1) @ grad_A
-    S = S + 0.5 * (M + M.transpose(-2, -1))
+    S = S + stiefel.sym(X.transpose(-2, -1) @ grad_A)
     return _addmm(_addmm(grad_A, grad_A, C, -0.5), X, S, -1.0)
 
 
@@ -240,8 +239,7 @@ class _DissolveWithPenalty(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, X: Tensor):
-        C = X.transpose(-2, -1) @ X
-        C.diagonal(dim1=-2, dim2=-1).sub_(1)
+        C = stiefel.constraint(X)
         A = _addmm(X, X, C, -0.5)  # X - X C / 2
         ctx.save_for_backward(X, C)
         ctx.set_materialize_grads(False)  # an unused output's gradient stays None: no work for it

@@ -152,13 +152,16 @@ class StiefelLSTM(nn.LSTM):
         pass  # the effective weights are computed once, in forward
 
     # -- the constraint ---------------------------------------------------------------
+    def _raws(self) -> list[Tensor]:
+        """The raw recurrent weights (what the optimiser moves), in the order of ``dissolved_names``."""
+        return [self.parametrizations[n].original for n in self.dissolved_names]
+
     def _raw_stack(self) -> Tensor:
         """All raw recurrent weights as the batch of manifold points, shape (m, n, p)."""
-        raws = torch.stack([self.parametrizations[n].original for n in self.dissolved_names])
-        return to_blocks(raws, self.granularity).flatten(0, 1)
+        return to_blocks(torch.stack(self._raws()), self.granularity).flatten(0, 1)
 
     def _versions(self):
-        return tuple(self.parametrizations[n].original._version for n in self.dissolved_names)
+        return tuple(w._version for w in self._raws())
 
     def effective_weights(self) -> tuple[list[Tensor], Tensor]:
         """A(W) of every recurrent weight and the total penalty, in one batched operation.
@@ -174,7 +177,7 @@ class StiefelLSTM(nn.LSTM):
         """
         if torch.is_grad_enabled():
             return self._compute_effective()
-        raws = [self.parametrizations[n].original for n in self.dissolved_names]
+        raws = self._raws()
         cached = self._no_grad_weights.get(raws)
         if cached is None:
             cached = self._compute_effective()

@@ -265,7 +265,7 @@ def retr_cayley(X: Tensor, U: Tensor, step: float | Tensor = 1.0) -> Tensor:
     XtU = X.transpose(-2, -1) @ U
     P = 0.5 * XtU
     R = U.transpose(-2, -1) @ U - 0.75 * (XtU.transpose(-2, -1) @ XtU)
-    I = torch.eye(X.shape[-1], dtype=X.dtype, device=X.device)
+    I = _eye_like(X)
     E = I - a * P
     Pt = P.transpose(-2, -1)
     K = (I + a * Pt) @ E + (a * a) * R
