@@ -30,21 +30,24 @@ def _blocks(W: torch.Tensor, granularity: str) -> torch.Tensor:
 
 
 def formula_A(W: torch.Tensor, granularity: str) -> torch.Tensor:
-    """A(W) = W (3/2 I - 1/2 W^T W) per block, in float64 for float64 W, float32 otherwise."""
+    """A(W) = W (3/2 I - 1/2 W^T W) per block, in float64 for float64 W, float32 otherwise
+    (autocast off: the specified precision of the constraint arithmetic)."""
     dtype = torch.float64 if W.dtype == torch.float64 else torch.float32
-    B = _blocks(W.to(dtype), granularity)
-    eye = torch.eye(B.shape[-1], dtype=dtype, device=W.device)
-    return (B @ (1.5 * eye - 0.5 * B.transpose(-2, -1) @ B)).reshape(W.shape).to(W.dtype)
+    with torch.autocast(W.device.type, enabled=False):
+        B = _blocks(W.to(dtype), granularity)
+        eye = torch.eye(B.shape[-1], dtype=dtype, device=W.device)
+        return (B @ (1.5 * eye - 0.5 * B.transpose(-2, -1) @ B)).reshape(W.shape).to(W.dtype)
 
 
 def formula_penalty(raws, granularity: str, penalty_param: float) -> torch.Tensor:
-    """penalty_param * sum over weights and blocks of ||B^T B - I||_F^2."""
+    """penalty_param * sum over weights and blocks of ||B^T B - I||_F^2 (autocast off)."""
     total = 0.0
     for W in raws:
         dtype = torch.float64 if W.dtype == torch.float64 else torch.float32
-        B = _blocks(W.to(dtype), granularity)
-        eye = torch.eye(B.shape[-1], dtype=dtype, device=W.device)
-        total = total + (B.transpose(-2, -1) @ B - eye).square().sum()
+        with torch.autocast(W.device.type, enabled=False):
+            B = _blocks(W.to(dtype), granularity)
+            eye = torch.eye(B.shape[-1], dtype=dtype, device=W.device)
+            total = total + (B.transpose(-2, -1) @ B - eye).square().sum()
     return penalty_param * total
 
 
