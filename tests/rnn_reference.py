@@ -51,6 +51,16 @@ def formula_penalty(raws, granularity: str, penalty_param: float) -> torch.Tenso
     return penalty_param * total
 
 
+def raw_weight(m: nn.Module, name: str) -> torch.Tensor:
+    """The raw recurrent weight W of ``m``.  Also reads the torch-parametrize layout of
+    cdbench <= 0.1.0 (``parametrizations.<name>.original``), so that the regression and
+    differential tests can be run against that code to show what they catch."""
+    plist = getattr(m, "parametrizations", None)
+    if plist is not None and name in plist:
+        return plist[name].original
+    return getattr(m, name)
+
+
 def plain_twin(m: nn.Module) -> nn.Module:
     """A plain nn module with ``m``'s configuration (weights irrelevant: they are passed in)."""
     _, plain_cls, _ = next(v for v in CELLS.values() if isinstance(m, v[0]))
