@@ -63,9 +63,13 @@ def raw_weight(m: nn.Module, name: str) -> torch.Tensor:
 
 def plain_twin(m: nn.Module) -> nn.Module:
     """A plain nn module with ``m``'s configuration (weights irrelevant: they are passed in)."""
-    _, plain_cls, _ = next(v for v in CELLS.values() if isinstance(m, v[0]))
-    return plain_cls(**type(m)._config(m), dtype=m.weight_ih_l0.dtype, device=m.weight_ih_l0.device).train(
-        m.training)
+    plain_cls = {"LSTM": nn.LSTM, "GRU": nn.GRU, "RNN_TANH": nn.RNN, "RNN_RELU": nn.RNN}[m.mode]
+    config = dict(input_size=m.input_size, hidden_size=m.hidden_size, num_layers=m.num_layers, bias=m.bias,
+                  batch_first=m.batch_first, dropout=m.dropout, bidirectional=m.bidirectional)
+    if plain_cls is nn.RNN:
+        config["nonlinearity"] = m.nonlinearity
+    ref = raw_weight(m, "weight_hh_l0")
+    return plain_cls(**config, dtype=ref.dtype, device=ref.device).train(m.training)
 
 
 def reference_forward(m, x, hx=None, params: dict | None = None, twin=None):
@@ -83,7 +87,8 @@ def reference_forward(m, x, hx=None, params: dict | None = None, twin=None):
     twin = twin if twin is not None else plain_twin(m)
     leaves, weights = {}, {}
     for name in m._flat_weights_names:
-        w = (params or {}).get(name, getattr(m, name))
+        own = raw_weight(m, name) if name in m.dissolved_names else getattr(m, name)
+        w = (params or {}).get(name, own)
         leaf = w.detach().clone().requires_grad_(True)
         leaves[name] = leaf
         weights[name] = formula_A(leaf, m.granularity) if name in m.dissolved_names else leaf
@@ -96,5 +101,5 @@ def perturb(m, scale=0.05, seed=0):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name in m.dissolved_names:
-            w = getattr(m, name)
+            w = raw_weight(m, name)
             w.add_(scale * torch.randn(w.shape, generator=g, dtype=w.dtype).to(w.device))
