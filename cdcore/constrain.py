@@ -143,7 +143,9 @@ def _parametrized(prefix: str, module: nn.Module):
                 continue
             name = f"{prefix}.{tensor_name}" if prefix else tensor_name
             if i != 0:
-                raise ValueError(f"{name}: Dissolve must be the first parametrisation of its tensor; it is #{i}")
+                raise ValueError(
+                    f"{name}: Dissolve must be the first parametrisation of its tensor; it is #{i}"
+                )
             yield name, plist.original, p
 
 

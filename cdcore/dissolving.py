@@ -238,8 +238,9 @@ def _as_batch(X: Tensor) -> Tensor:
     return X.reshape(-1, *X.shape[-2:]) if X.dim() > 3 else X
 
 
-def dissolve_vjp(X: Tensor, C: Tensor, grad_A: Tensor | None, grad_sq: Tensor | None,
-                 grad_C: Tensor | None = None) -> Tensor:
+def dissolve_vjp(
+    X: Tensor, C: Tensor, grad_A: Tensor | None, grad_sq: Tensor | None, grad_C: Tensor | None = None
+) -> Tensor:
     r"""Gradient of <G, A(X)> + sum g ||C(X)||_F^2 (+ <G_C, C(X)>) with respect to X, in closed form.
 
     With C = X^T X - I, G = ``grad_A``, g = ``grad_sq`` and G_C = ``grad_C``:
@@ -273,7 +274,11 @@ def dissolve_vjp(X: Tensor, C: Tensor, grad_A: Tensor | None, grad_sq: Tensor | 
         S = S2 if S is None else S + S2
     if grad_A is None:
         return torch.zeros_like(X) if S is None else -(X @ S)
-    S = stiefel.sym(X.transpose(-2, -1) @ grad_A) if S is None else S + stiefel.sym(X.transpose(-2, -1) @ grad_A)
+    S = (
+        stiefel.sym(X.transpose(-2, -1) @ grad_A)
+        if S is None
+        else S + stiefel.sym(X.transpose(-2, -1) @ grad_A)
+    )
     return _addmm(_addmm(grad_A, grad_A, C, -0.5), X, S, -1.0)
 
 
@@ -463,9 +468,9 @@ class Dissolve(nn.Module):
         if self._projected:
             name = self.tensor_name or "<name>"
             raise ValueError(
-                f"cannot assign the dissolved weight {name!r}: A(W) has no inverse, and projecting instead would "
-                f"silently change the raw weight; assign (or pass to torch.func.functional_call) the raw weight "
-                f"'parametrizations.{name}.original' instead"
+                f"cannot assign the dissolved weight {name!r}: A(W) has no inverse, and projecting "
+                f"instead would silently change the raw weight; assign (or pass to "
+                f"torch.func.functional_call) the raw weight 'parametrizations.{name}.original' instead"
             )
         self._projected = True
         return project(W, self.granularity)

@@ -104,8 +104,9 @@ class _CayleyBase(torch.optim.Optimizer):
             if group["stiefel"]:
                 if explicit_decay != 0:
                     raise ValueError(
-                        f"{where}weight_decay must be 0 in a Stiefel group (a decayed point leaves the manifold; "
-                        f"the optimiser-wide weight_decay applies to Euclidean groups only); got {explicit_decay!r}"
+                        f"{where}weight_decay must be 0 in a Stiefel group (a decayed point leaves the "
+                        f"manifold; the optimiser-wide weight_decay applies to Euclidean groups only); "
+                        f"got {explicit_decay!r}"
                     )
                 check_granularity(group["granularity"])
                 for i, p in enumerate(group["params"]):
@@ -162,8 +163,9 @@ class _CayleyBase(torch.optim.Optimizer):
             for i, p in enumerate(group["params"]):
                 if group["stiefel"] and p.grad is not None and not bool(p.grad.isfinite().all()):
                     raise ValueError(
-                        f"non-finite gradient (inf or NaN) for Stiefel parameter {i} of param group {gi}, shape "
-                        f"{tuple(p.shape)}: no parameter was updated (skip such steps, as torch.amp.GradScaler does)"
+                        f"non-finite gradient (inf or NaN) for Stiefel parameter {i} of param group {gi}, "
+                        f"shape {tuple(p.shape)}: no parameter was updated (skip such steps, as "
+                        f"torch.amp.GradScaler does)"
                     )
 
     def _stiefel_bucket(self, group: dict, params: list[Tensor]) -> None:
@@ -267,10 +269,25 @@ class CayleySGD(_CayleyBase):
         constructor and in :meth:`add_param_group` alike (messages name the group).
     """
 
-    def __init__(self, params, lr: float = 1e-2, momentum: float = 0.9, weight_decay: float = 0.0,
-                 feasibility_tol: float = 5e-6, check_every: int = 100) -> None:
-        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
-                                      feasibility_tol=feasibility_tol, check_every=check_every))
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-2,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        feasibility_tol: float = 5e-6,
+        check_every: int = 100,
+    ) -> None:
+        super().__init__(
+            params,
+            dict(
+                lr=lr,
+                momentum=momentum,
+                weight_decay=weight_decay,
+                feasibility_tol=feasibility_tol,
+                check_every=check_every,
+            ),
+        )
 
     def _check_hyperparameters(self, group: dict, where: str) -> None:
         super()._check_hyperparameters(group, where)
@@ -326,10 +343,27 @@ class CayleyAdam(_CayleyBase):
         As for :class:`CayleySGD`.
     """
 
-    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0, feasibility_tol: float = 5e-6, check_every: int = 100) -> None:
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                                      feasibility_tol=feasibility_tol, check_every=check_every))
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        betas=(0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        feasibility_tol: float = 5e-6,
+        check_every: int = 100,
+    ) -> None:
+        super().__init__(
+            params,
+            dict(
+                lr=lr,
+                betas=betas,
+                eps=eps,
+                weight_decay=weight_decay,
+                feasibility_tol=feasibility_tol,
+                check_every=check_every,
+            ),
+        )
 
     def _check_hyperparameters(self, group: dict, where: str) -> None:
         super()._check_hyperparameters(group, where)

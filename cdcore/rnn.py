@@ -163,7 +163,9 @@ class _StiefelRNNBase(DissolvedOwner):
         check_penalty_param(penalty_param)
         check_granularity(granularity)
         if proj_size:
-            raise ValueError(f"proj_size must be 0 for a {cls.__name__} (it has no projection); got {proj_size!r}")
+            raise ValueError(
+                f"proj_size must be 0 for a {cls.__name__} (it has no projection); got {proj_size!r}"
+            )
 
     def _dissolve_recurrent(self, penalty_param: float, granularity: str) -> None:
         self.penalty_param = float(penalty_param)
@@ -181,9 +183,15 @@ class _StiefelRNNBase(DissolvedOwner):
     @staticmethod
     def _config(module: nn.RNNBase) -> dict:
         """Constructor arguments of a recurrent module (without penalty, device, dtype)."""
-        config = dict(input_size=module.input_size, hidden_size=module.hidden_size, num_layers=module.num_layers,
-                      bias=module.bias, batch_first=module.batch_first, dropout=module.dropout,
-                      bidirectional=module.bidirectional)
+        config = dict(
+            input_size=module.input_size,
+            hidden_size=module.hidden_size,
+            num_layers=module.num_layers,
+            bias=module.bias,
+            batch_first=module.batch_first,
+            dropout=module.dropout,
+            bidirectional=module.bidirectional,
+        )
         if module.mode in ("RNN_TANH", "RNN_RELU"):
             config["nonlinearity"] = module.nonlinearity
         return config
@@ -213,9 +221,9 @@ class _StiefelRNNBase(DissolvedOwner):
 
     def __prepare_scriptable__(self):
         raise RuntimeError(
-            f"{type(self).__name__} cannot be scripted with torch.jit.script (its forward computes A(W) in an "
-            f"autograd.Function); use torch.jit.trace or torch.compile, or script the plain module that "
-            f"to_plain() exports"
+            f"{type(self).__name__} cannot be scripted with torch.jit.script (its forward computes A(W) "
+            f"in an autograd.Function); use torch.jit.trace or torch.compile, or script the plain module "
+            f"that to_plain() exports"
         )
 
     def forward(self, input, hx=None):
@@ -263,8 +271,10 @@ class _StiefelRNNBase(DissolvedOwner):
 
     def dissolved(self) -> list[DissolvedWeight]:
         """The recurrent weights as :class:`cdcore.DissolvedWeight` (names relative to this module)."""
-        return [DissolvedWeight(n, w, self.granularity, self.penalty_param)
-                for n, w in zip(self.dissolved_names, self._raw_weights())]
+        return [
+            DissolvedWeight(n, w, self.granularity, self.penalty_param)
+            for n, w in zip(self.dissolved_names, self._raw_weights())
+        ]
 
     def dissolved_penalty(self) -> Tensor:
         """penalty_param * sum ||W^T W - I||_F^2 over the recurrent weights, recomputed now.
@@ -273,7 +283,9 @@ class _StiefelRNNBase(DissolvedOwner):
         4 penalty_param W C); any number of calls per forward, any backward order.  float32
         (float64 for float64 weights).
         """
-        return self.penalty_param * quad_penalty_blocks(torch.stack(self._raw_weights()), self.granularity).sum()
+        return (
+            self.penalty_param * quad_penalty_blocks(torch.stack(self._raw_weights()), self.granularity).sum()
+        )
 
     # -- import / export ---------------------------------------------------------------
     @classmethod
@@ -295,12 +307,19 @@ class _StiefelRNNBase(DissolvedOwner):
             uses ``proj_size``, or bad ``penalty_param`` / ``granularity``.
         """
         if not isinstance(module, cls._plain):
-            raise ValueError(f"{cls.__name__} converts an nn.{cls._plain.__name__}; got {type(module).__name__}")
+            raise ValueError(
+                f"{cls.__name__} converts an nn.{cls._plain.__name__}; got {type(module).__name__}"
+            )
         cls._check_arguments(penalty_param, granularity, getattr(module, "proj_size", 0))
         ref = next(module.parameters())
         with torch.random.fork_rng(devices=[ref.device] if ref.is_cuda else []):
-            out = cls(**cls._config(module), penalty_param=penalty_param, granularity=granularity,
-                      device=ref.device, dtype=ref.dtype)
+            out = cls(
+                **cls._config(module),
+                penalty_param=penalty_param,
+                granularity=granularity,
+                device=ref.device,
+                dtype=ref.dtype,
+            )
         with torch.no_grad():
             for name in out._flat_weights_names:
                 src = getattr(module, name)
@@ -321,11 +340,15 @@ class _StiefelRNNBase(DissolvedOwner):
         with torch.no_grad():
             for name in self._flat_weights_names:
                 src = getattr(self, name)
-                getattr(plain, name).copy_(project(src, self.granularity) if name in self.dissolved_names else src)
+                getattr(plain, name).copy_(
+                    project(src, self.granularity) if name in self.dissolved_names else src
+                )
         return plain
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", penalty_param={self.penalty_param}, granularity={self.granularity!r}"
+        return (
+            super().extra_repr() + f", penalty_param={self.penalty_param}, granularity={self.granularity!r}"
+        )
 
 
 _SHARED_DOC = """
@@ -376,12 +399,34 @@ class StiefelLSTM(_StiefelRNNBase, nn.LSTM):
 
     _plain = nn.LSTM
 
-    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
-                 batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False, proj_size: int = 0,
-                 *, penalty_param: float, granularity: str = "stacked", device=None, dtype=None) -> None:
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        bias: bool = True,
+        batch_first: bool = False,
+        dropout: float = 0.0,
+        bidirectional: bool = False,
+        proj_size: int = 0,
+        *,
+        penalty_param: float,
+        granularity: str = "stacked",
+        device=None,
+        dtype=None,
+    ) -> None:
         self._check_arguments(penalty_param, granularity, proj_size)
-        super().__init__(input_size, hidden_size, num_layers, bias=bias, batch_first=batch_first, dropout=dropout,
-                         bidirectional=bidirectional, device=device, dtype=dtype)
+        super().__init__(
+            input_size,
+            hidden_size,
+            num_layers,
+            bias=bias,
+            batch_first=batch_first,
+            dropout=dropout,
+            bidirectional=bidirectional,
+            device=device,
+            dtype=dtype,
+        )
         self._dissolve_recurrent(penalty_param, granularity)
 
     @classmethod
@@ -404,12 +449,33 @@ class StiefelGRU(_StiefelRNNBase, nn.GRU):
 
     _plain = nn.GRU
 
-    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
-                 batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
-                 *, penalty_param: float, granularity: str = "stacked", device=None, dtype=None) -> None:
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        bias: bool = True,
+        batch_first: bool = False,
+        dropout: float = 0.0,
+        bidirectional: bool = False,
+        *,
+        penalty_param: float,
+        granularity: str = "stacked",
+        device=None,
+        dtype=None,
+    ) -> None:
         self._check_arguments(penalty_param, granularity)
-        super().__init__(input_size, hidden_size, num_layers, bias=bias, batch_first=batch_first, dropout=dropout,
-                         bidirectional=bidirectional, device=device, dtype=dtype)
+        super().__init__(
+            input_size,
+            hidden_size,
+            num_layers,
+            bias=bias,
+            batch_first=batch_first,
+            dropout=dropout,
+            bidirectional=bidirectional,
+            device=device,
+            dtype=dtype,
+        )
         self._dissolve_recurrent(penalty_param, granularity)
 
     @classmethod
@@ -434,18 +500,40 @@ class StiefelRNN(_StiefelRNNBase, nn.RNN):
 
     _plain = nn.RNN
 
-    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, nonlinearity: str = "tanh",
-                 bias: bool = True, batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
-                 *, penalty_param: float, granularity: str = "stacked", device=None, dtype=None) -> None:
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        nonlinearity: str = "tanh",
+        bias: bool = True,
+        batch_first: bool = False,
+        dropout: float = 0.0,
+        bidirectional: bool = False,
+        *,
+        penalty_param: float,
+        granularity: str = "stacked",
+        device=None,
+        dtype=None,
+    ) -> None:
         self._check_arguments(penalty_param, granularity)
         if granularity != "stacked":
             raise ValueError(
-                f"StiefelRNN has no gates: granularity must be 'stacked' (each H x H recurrent weight on O(H)); "
-                f"got {granularity!r}"
+                f"StiefelRNN has no gates: granularity must be 'stacked' (each H x H recurrent weight on "
+                f"O(H)); got {granularity!r}"
             )
-        super().__init__(input_size, hidden_size, num_layers, nonlinearity=nonlinearity, bias=bias,
-                         batch_first=batch_first, dropout=dropout, bidirectional=bidirectional,
-                         device=device, dtype=dtype)
+        super().__init__(
+            input_size,
+            hidden_size,
+            num_layers,
+            nonlinearity=nonlinearity,
+            bias=bias,
+            batch_first=batch_first,
+            dropout=dropout,
+            bidirectional=bidirectional,
+            device=device,
+            dtype=dtype,
+        )
         self._dissolve_recurrent(penalty_param, granularity)
 
     @classmethod

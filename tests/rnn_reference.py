@@ -20,8 +20,13 @@ CELLS = {
 }
 
 #: (cell, granularity) pairs that exist (a vanilla RNN has no gates)
-CELL_GRANULARITIES = [("lstm", "stacked"), ("lstm", "per_gate"), ("gru", "stacked"), ("gru", "per_gate"),
-                      ("rnn", "stacked")]
+CELL_GRANULARITIES = [
+    ("lstm", "stacked"),
+    ("lstm", "per_gate"),
+    ("gru", "stacked"),
+    ("gru", "per_gate"),
+    ("rnn", "stacked"),
+]
 
 
 def _blocks(W: torch.Tensor, granularity: str) -> torch.Tensor:
@@ -64,8 +69,15 @@ def raw_weight(m: nn.Module, name: str) -> torch.Tensor:
 def plain_twin(m: nn.Module) -> nn.Module:
     """A plain nn module with ``m``'s configuration (weights irrelevant: they are passed in)."""
     plain_cls = {"LSTM": nn.LSTM, "GRU": nn.GRU, "RNN_TANH": nn.RNN, "RNN_RELU": nn.RNN}[m.mode]
-    config = dict(input_size=m.input_size, hidden_size=m.hidden_size, num_layers=m.num_layers, bias=m.bias,
-                  batch_first=m.batch_first, dropout=m.dropout, bidirectional=m.bidirectional)
+    config = dict(
+        input_size=m.input_size,
+        hidden_size=m.hidden_size,
+        num_layers=m.num_layers,
+        bias=m.bias,
+        batch_first=m.batch_first,
+        dropout=m.dropout,
+        bidirectional=m.bidirectional,
+    )
     if plain_cls is nn.RNN:
         config["nonlinearity"] = m.nonlinearity
     ref = raw_weight(m, "weight_hh_l0")

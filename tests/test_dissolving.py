@@ -7,7 +7,6 @@ from torch import nn
 import cdcore
 from cdcore import dissolving, stiefel
 
-
 pytestmark = pytest.mark.usefixtures("f64")
 
 
@@ -18,7 +17,7 @@ def test_A_is_identity_on_manifold():
 
 
 def test_gradcheck_map_and_penalty():
-    X = (stiefel.random_point(6, 3, generator=torch.Generator().manual_seed(1)) + 0.1 * torch.randn(6, 3))
+    X = stiefel.random_point(6, 3, generator=torch.Generator().manual_seed(1)) + 0.1 * torch.randn(6, 3)
     X.requires_grad_(True)
     assert torch.autograd.gradcheck(dissolving.dissolve_map, (X,))
     assert torch.autograd.gradcheck(dissolving.quad_penalty_value, (X,))
@@ -39,17 +38,19 @@ def test_closed_form_backward_equals_autograd_of_the_formula(shape):
     A, sq = dissolving.dissolve_with_penalty(X)
     A_ref, sq_ref = _autograd_reference(X)
     assert torch.allclose(A, A_ref, atol=1e-13) and torch.allclose(sq, sq_ref, atol=1e-12)
-    losses = [lambda A, sq: (A * G).sum() + (w * sq).sum(),
-              lambda A, sq: (A * G).sum(),  # penalty unused: its gradient arrives as None
-              lambda A, sq: (w * sq).sum()]  # map unused
+    losses = [
+        lambda A, sq: (A * G).sum() + (w * sq).sum(),
+        lambda A, sq: (A * G).sum(),  # penalty unused: its gradient arrives as None
+        lambda A, sq: (w * sq).sum(),
+    ]  # map unused
     for loss in losses:
-        got, = torch.autograd.grad(loss(*dissolving.dissolve_with_penalty(X)), X)
-        want, = torch.autograd.grad(loss(*_autograd_reference(X)), X)
+        (got,) = torch.autograd.grad(loss(*dissolving.dissolve_with_penalty(X)), X)
+        (want,) = torch.autograd.grad(loss(*_autograd_reference(X)), X)
         assert torch.allclose(got, want, atol=1e-12)
 
 
 def test_closed_form_backward_is_differentiable_again():
-    X = (stiefel.random_point(7, 3, 2, generator=torch.Generator().manual_seed(5)) + 0.2 * torch.randn(2, 7, 3))
+    X = stiefel.random_point(7, 3, 2, generator=torch.Generator().manual_seed(5)) + 0.2 * torch.randn(2, 7, 3)
     X.requires_grad_(True)
     assert torch.autograd.gradcheck(dissolving.dissolve_with_penalty, (X,))
     assert torch.autograd.gradgradcheck(dissolving.dissolve_with_penalty, (X,))
@@ -58,7 +59,7 @@ def test_closed_form_backward_is_differentiable_again():
     hv = []
     for fn in (dissolving.dissolve_with_penalty, _autograd_reference):
         A, sq = fn(X)
-        grad, = torch.autograd.grad(A.square().sum() + 0.5 * sq.sum(), X, create_graph=True)
+        (grad,) = torch.autograd.grad(A.square().sum() + 0.5 * sq.sum(), X, create_graph=True)
         hv.append(torch.autograd.grad((grad * V).sum(), X)[0])
     assert torch.allclose(hv[0], hv[1], atol=1e-12)
 
@@ -68,8 +69,9 @@ def test_matches_cdopt_jacobian_transpose():
     M = cdopt_st((8, 3), dtype=torch.float64)
     g = torch.Generator().manual_seed(6)
     X, G = torch.randn(8, 3, generator=g), torch.randn(8, 3, generator=g)
-    assert torch.allclose(dissolving.dissolve_vjp(X, stiefel.constraint(X), G, None), M.JA_transpose(X, G),
-                          atol=1e-12)
+    assert torch.allclose(
+        dissolving.dissolve_vjp(X, stiefel.constraint(X), G, None), M.JA_transpose(X, G), atol=1e-12
+    )
 
 
 def test_matches_cdopt_formulas():
@@ -170,16 +172,20 @@ def test_torch_func_grad_vmap_jacrev_jacfwd_hessian_equal_autograd_of_the_formul
     assert torch.allclose(hess, func.hessian(ref)(X[0]), atol=1e-11)
     assert torch.allclose(func.jacrev(func.jacrev(ours))(X[0]), hess, atol=1e-11)
     penalty_only = func.grad(lambda X: dissolving.quad_penalty_value(X).sum())(X[0])
-    assert torch.allclose(penalty_only, func.grad(lambda X: _autograd_reference(X)[1].sum())(X[0]), atol=1e-12)
+    assert torch.allclose(
+        penalty_only, func.grad(lambda X: _autograd_reference(X)[1].sum())(X[0]), atol=1e-12
+    )
 
 
 def test_forward_mode_and_batched_gradcheck():
-    X = (stiefel.random_point(6, 3, 2, generator=torch.Generator().manual_seed(8)) + 0.1 * torch.randn(2, 6, 3))
+    X = stiefel.random_point(6, 3, 2, generator=torch.Generator().manual_seed(8)) + 0.1 * torch.randn(2, 6, 3)
     X.requires_grad_(True)
-    assert torch.autograd.gradcheck(dissolving.dissolve_with_penalty, (X,), check_forward_ad=True,
-                                    check_batched_grad=True)
-    assert torch.autograd.gradcheck(dissolving.quad_penalty_value, (X,), check_forward_ad=True,
-                                    check_batched_grad=True)
+    assert torch.autograd.gradcheck(
+        dissolving.dissolve_with_penalty, (X,), check_forward_ad=True, check_batched_grad=True
+    )
+    assert torch.autograd.gradcheck(
+        dissolving.quad_penalty_value, (X,), check_forward_ad=True, check_batched_grad=True
+    )
     assert torch.autograd.gradgradcheck(dissolving.quad_penalty_value, (X,))
 
 
@@ -265,7 +271,8 @@ def test_both_kinds_in_one_model():
     assert list(found) == ["rnn.weight_hh_l0", "head.weight"]
     assert found["rnn.weight_hh_l0"].granularity == "per_gate" and found["head.weight"].penalty_param == 0.7
     assert found["rnn.weight_hh_l0"].raw is rnn.weight_hh_l0
-    expected = (0.3 * dissolving.quad_penalty_value(rnn.weight_hh_l0.view(3, 4, 4)).sum()
-                + 0.7 * dissolving.quad_penalty_value(head.parametrizations.weight.original))
+    expected = 0.3 * dissolving.quad_penalty_value(
+        rnn.weight_hh_l0.view(3, 4, 4)
+    ).sum() + 0.7 * dissolving.quad_penalty_value(head.parametrizations.weight.original)
     assert torch.allclose(cdcore.quad_penalty(model), expected, atol=1e-14)
     assert set(cdcore.feasibility(model)) == {"rnn.weight_hh_l0", "head.weight"}

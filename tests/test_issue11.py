@@ -36,7 +36,9 @@ def _lstm_holding_A(m):
 
 def _perturb(m):
     with torch.no_grad():
-        raw_weight(m, "weight_hh_l0").add_(0.05 * torch.randn(32, 8, generator=torch.Generator().manual_seed(2)))
+        raw_weight(m, "weight_hh_l0").add_(
+            0.05 * torch.randn(32, 8, generator=torch.Generator().manual_seed(2))
+        )
 
 
 # -- 1. stale effective weights ------------------------------------------------------------------
@@ -176,7 +178,9 @@ def test_case_5_optimiser_wide_weight_decay_is_accepted():
 def test_case_5_add_param_group_validates():
     opt = optim.CayleyAdam([nn.Parameter(torch.randn(3))])
     with pytest.raises(ValueError, match="granularity must be one of"):
-        opt.add_param_group({"params": [nn.Parameter(torch.randn(6, 3))], "stiefel": True, "granularity": "x"})
+        opt.add_param_group(
+            {"params": [nn.Parameter(torch.randn(6, 3))], "stiefel": True, "granularity": "x"}
+        )
     with pytest.raises(ValueError, match="n >= p"):
         opt.add_param_group({"params": [nn.Parameter(torch.randn(3, 6))], "stiefel": True})
     assert len(opt.param_groups) == 1

@@ -34,7 +34,9 @@ def test_decreases_procrustes_objective_and_stays_feasible(cls, kw, granularity)
         assert stiefel.feasibility(blocks).max() < 1e-10
     if granularity == "stacked":
         # the optimum of ||X - T||^2 on St(n, p) is the polar factor of T
-        opt_val = (stiefel.projx(target) - target).square().sum() + (stiefel.projx(target_q) - target_q).square().sum()
+        opt_val = (stiefel.projx(target) - target).square().sum() + (
+            stiefel.projx(target_q) - target_q
+        ).square().sum()
         assert loss.item() < opt_val.item() + 0.05 * (loss0 - opt_val.item())
 
 
@@ -118,7 +120,9 @@ def test_lstm_updated_in_place_and_batched_across_weights(monkeypatch):
     ptrs = [p.data_ptr() for p in lstm.parameters()]
     calls = []
     orig = stiefel.retr_cayley
-    monkeypatch.setattr(stiefel, "retr_cayley", lambda X, U, step=1.0: (calls.append(X.shape), orig(X, U, step))[1])
+    monkeypatch.setattr(
+        stiefel, "retr_cayley", lambda X, U, step=1.0: (calls.append(X.shape), orig(X, U, step))[1]
+    )
     opt = optim.CayleyAdam([{"params": st, "stiefel": True}, {"params": others}], lr=1e-2)
     x = torch.randn(5, 2, 3)
     for _ in range(3):
@@ -146,8 +150,9 @@ def test_bad_hyperparameters_raise():
 
 # -- torch.optim behaviour (issue 11 item 5) -----------------------------------------------------
 def _stiefel_param(n=6, p=3, seed=0):
-    return nn.Parameter(stiefel.random_point(n, p, generator=torch.Generator().manual_seed(seed),
-                                             dtype=torch.float64))
+    return nn.Parameter(
+        stiefel.random_point(n, p, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    )
 
 
 def test_lr_zero_is_allowed_and_moves_nothing():
@@ -186,8 +191,11 @@ def test_non_finite_stiefel_gradient_raises_before_anything_changes():
     for bad in (float("nan"), float("inf")):
         e.grad, p.grad, q.grad = torch.ones_like(e), torch.ones_like(p), torch.ones_like(q)
         q.grad[2, 1] = bad
-        with pytest.raises(ValueError, match=r"non-finite gradient .* Stiefel parameter 1 of param group 1, "
-                                             r"shape \(6, 3\): no parameter was updated"):
+        with pytest.raises(
+            ValueError,
+            match=r"non-finite gradient .* Stiefel parameter 1 of param group 1, "
+            r"shape \(6, 3\): no parameter was updated",
+        ):
             opt.step()
         assert all(torch.equal(t, b) for t, b in zip((e, p, q), before))
         assert not opt.state  # nothing initialised either
@@ -224,8 +232,10 @@ def test_weight_decay_applies_to_euclidean_groups_only():
     ref_eu = torch.optim.Adam([e_ref], lr=0.05, weight_decay=0.1, foreach=False)
     g = torch.Generator().manual_seed(2)
     for _ in range(3):
-        gp, ge = torch.randn(6, 3, generator=g, dtype=torch.float64), torch.randn(4, 3, generator=g,
-                                                                                 dtype=torch.float64)
+        gp, ge = (
+            torch.randn(6, 3, generator=g, dtype=torch.float64),
+            torch.randn(4, 3, generator=g, dtype=torch.float64),
+        )
         p.grad, p_ref.grad, e.grad, e_ref.grad = gp, gp.clone(), ge, ge.clone()
         opt.step(), ref_st.step(), ref_eu.step()
     assert torch.allclose(p, p_ref, atol=1e-13)  # the optimiser-wide decay does not touch the Stiefel group
@@ -274,7 +284,9 @@ def test_add_param_group_validates_like_the_constructor(bad, message):
 
 def test_sgd_momentum_is_validated_per_group():
     first = nn.Parameter(torch.randn(2))
-    with pytest.raises(ValueError, match=r"param group 1: momentum must be a finite number >= 0 and < 1; got 1.5"):
+    with pytest.raises(
+        ValueError, match=r"param group 1: momentum must be a finite number >= 0 and < 1; got 1.5"
+    ):
         optim.CayleySGD([{"params": [first]}, {"params": [nn.Parameter(torch.randn(2))], "momentum": 1.5}])
     with pytest.raises(ValueError, match=r"momentum must be a finite number >= 0 and < 1; got 1.5"):
         optim.CayleySGD([first], momentum=1.5)
@@ -303,8 +315,13 @@ def test_state_dict_round_trip_continues_identically(cls):
     g = torch.Generator().manual_seed(4)
     p, e = _stiefel_param(), nn.Parameter(torch.randn(4, dtype=torch.float64))
     opt = cls([{"params": [p], "stiefel": True}, {"params": [e]}], lr=0.05)
-    grads = [(torch.randn(6, 3, generator=g, dtype=torch.float64), torch.randn(4, generator=g, dtype=torch.float64))
-             for _ in range(6)]
+    grads = [
+        (
+            torch.randn(6, 3, generator=g, dtype=torch.float64),
+            torch.randn(4, generator=g, dtype=torch.float64),
+        )
+        for _ in range(6)
+    ]
     for gp, ge in grads[:3]:
         p.grad, e.grad = gp.clone(), ge.clone()
         opt.step()

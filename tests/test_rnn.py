@@ -39,9 +39,17 @@ def _cdopt_twin(cell, ours, **kw):
     from cdopt.manifold_torch import stiefel_torch
 
     cls = {"lstm": cdnn.LSTM_cdopt, "gru": cdnn.GRU_cdopt, "rnn": cdnn.RNN_cdopt}[cell]
-    ref = cls(ours.input_size, ours.hidden_size, ours.num_layers, batch_first=ours.batch_first,
-              bidirectional=ours.bidirectional, manifold_class=stiefel_torch, penalty_param=ours.penalty_param,
-              dtype=torch.float64, **kw)
+    ref = cls(
+        ours.input_size,
+        ours.hidden_size,
+        ours.num_layers,
+        batch_first=ours.batch_first,
+        bidirectional=ours.bidirectional,
+        manifold_class=stiefel_torch,
+        penalty_param=ours.penalty_param,
+        dtype=torch.float64,
+        **kw,
+    )
     with torch.no_grad():
         for name in ours._flat_weights_names:
             getattr(ref, name).copy_(getattr(ours, name))
@@ -52,11 +60,11 @@ def _cdopt_twin(cell, ours, **kw):
 @pytest.mark.parametrize("num_layers,bidirectional,batch_first", CDOPT_CONFIGS)
 def test_matches_cdopt(cell, num_layers, bidirectional, batch_first):
     torch.manual_seed(0)
-    I, H, T, N = 5, 6, 7, 3
-    ours = make(cell, I, H, num_layers, batch_first=batch_first, bidirectional=bidirectional)
+    n_in, H, T, N = 5, 6, 7, 3
+    ours = make(cell, n_in, H, num_layers, batch_first=batch_first, bidirectional=bidirectional)
     perturb(ours)
     ref, cdnn = _cdopt_twin(cell, ours)
-    x = torch.randn((N, T, I) if batch_first else (T, N, I))
+    x = torch.randn((N, T, n_in) if batch_first else (T, N, n_in))
     h0 = torch.randn(num_layers * (2 if bidirectional else 1), N, H)
     hx = (h0, torch.randn_like(h0)) if cell == "lstm" else h0
     for state in (None, hx):
@@ -98,8 +106,10 @@ def test_state_dict_of_the_parametrize_layout_loads(cell):
     # cdbench <= 0.1.0 stored the raw weights as parametrizations.<name>.original
     ours = make(cell, 3, 4, 2)
     perturb(ours)
-    old = {(f"parametrizations.{k}.original" if k in ours.dissolved_names else k): v.clone()
-           for k, v in ours.state_dict().items()}
+    old = {
+        (f"parametrizations.{k}.original" if k in ours.dissolved_names else k): v.clone()
+        for k, v in ours.state_dict().items()
+    }
     fresh = make(cell, 3, 4, 2)
     fresh.load_state_dict(old)
     assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), ours.state_dict().values()))
@@ -117,7 +127,9 @@ def test_forward_equals_plain_module_holding_A(cell, granularity):
     assert torch.allclose(out, out_r, atol=1e-12)
     for a, b in zip(hidden if cell == "lstm" else [hidden], hidden_r if cell == "lstm" else [hidden_r]):
         assert torch.allclose(a, b, atol=1e-12)
-    assert not torch.allclose(out, CELLS[cell][1].forward(m, x)[0], atol=1e-6)  # raw weights give another output
+    assert not torch.allclose(
+        out, CELLS[cell][1].forward(m, x)[0], atol=1e-6
+    )  # raw weights give another output
 
 
 @pytest.mark.parametrize("cell,granularity", CELL_GRANULARITIES)
@@ -127,7 +139,9 @@ def test_gradients_of_every_parameter_equal_the_reference(cell, granularity):
     x = torch.randn(6, 2, 3)
     (m(x)[0].square().sum() + cdcore.quad_penalty(m)).backward()
     out_r, _, leaves = reference_forward(m, x)
-    (out_r.square().sum() + formula_penalty([leaves[n] for n in m.dissolved_names], granularity, 0.5)).backward()
+    (
+        out_r.square().sum() + formula_penalty([leaves[n] for n in m.dissolved_names], granularity, 0.5)
+    ).backward()
     for name in m._flat_weights_names:
         assert torch.allclose(getattr(m, name).grad, leaves[name].grad, atol=1e-10), name
         assert getattr(m, name).grad.abs().sum() > 0
@@ -163,7 +177,9 @@ def test_per_gate_granularity(cell):
 
 
 def test_rnn_has_no_gates():
-    with pytest.raises(ValueError, match="StiefelRNN has no gates: granularity must be 'stacked'.*'per_gate'"):
+    with pytest.raises(
+        ValueError, match="StiefelRNN has no gates: granularity must be 'stacked'.*'per_gate'"
+    ):
         cdcore.StiefelRNN(3, 4, penalty_param=0.5, granularity="per_gate")
     with pytest.raises(ValueError, match="no gates"):
         cdcore.StiefelRNN.from_rnn(nn.RNN(3, 4), penalty_param=0.5, granularity="per_gate")
@@ -242,7 +258,10 @@ def test_to_plain_exports_feasible_plain_module(cell):
 def test_to_rnn_keeps_the_nonlinearity():
     m = cdcore.StiefelRNN(3, 4, nonlinearity="relu", penalty_param=0.5)
     assert m.to_rnn().nonlinearity == "relu"
-    assert cdcore.StiefelRNN.from_rnn(nn.RNN(3, 4, nonlinearity="relu"), penalty_param=0.5).nonlinearity == "relu"
+    assert (
+        cdcore.StiefelRNN.from_rnn(nn.RNN(3, 4, nonlinearity="relu"), penalty_param=0.5).nonlinearity
+        == "relu"
+    )
 
 
 @pytest.mark.parametrize("cell", CELL_NAMES)
@@ -321,8 +340,9 @@ def test_functional_call_honours_every_parameter(cell):
         assert torch.allclose(swapped[name].grad, leaves[name].grad, atol=1e-10), name
         assert getattr(m, name).grad is None  # the module's own weight was not used
     every = {n: torch.randn_like(p) for n, p in m.named_parameters()}
-    assert torch.allclose(torch.func.functional_call(m, every, (x,))[0],
-                          reference_forward(m, x, params=every)[0], atol=1e-12)
+    assert torch.allclose(
+        torch.func.functional_call(m, every, (x,))[0], reference_forward(m, x, params=every)[0], atol=1e-12
+    )
     assert all(torch.equal(v, m.state_dict()[k]) for k, v in before.items())  # restored untouched
 
 
@@ -387,7 +407,8 @@ def test_torch_func_grad_vmap_jacrev_through_the_module(cell):
         batched = torch.func.vmap(lambda x: torch.func.functional_call(m, params, (x,))[0])(xs)
         assert torch.allclose(batched, torch.stack([m(x)[0] for x in xs]), atol=1e-12)
     jac = torch.func.jacrev(lambda w: torch.func.functional_call(m, {"weight_hh_l0": w}, (x,))[0])(
-        params["weight_hh_l0"])
+        params["weight_hh_l0"]
+    )
 
     twin = plain_twin(m)
     fixed = {k: v for k, v in params.items() if k != "weight_hh_l0"}

@@ -23,8 +23,9 @@ def test_bf16_autocast_forward_and_backward_on_cpu(cell):
         out, hidden = m(x)
         loss = out.float().square().mean() + cdcore.quad_penalty(m)
         out_r, hidden_r, leaves = reference_forward(m, x)
-        loss_r = out_r.float().square().mean() + formula_penalty([leaves[n] for n in m.dissolved_names],
-                                                                 "stacked", 0.5)
+        loss_r = out_r.float().square().mean() + formula_penalty(
+            [leaves[n] for n in m.dissolved_names], "stacked", 0.5
+        )
     assert out.dtype == out_r.dtype  # what nn gives under the same autocast (bf16 for LSTM and RNN)
     assert torch.allclose(out.float(), out_r.float(), atol=2e-2)
     for h, h_r in zip(_hidden(hidden), _hidden(hidden_r)):

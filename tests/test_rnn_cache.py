@@ -74,9 +74,11 @@ EDITS = {
     "set_": lambda m: m.weight_hh_l0.set_(m.weight_hh_l0.detach() * 0.99),
     "copy_": lambda m: m.weight_hh_l1.copy_(m.weight_hh_l0),
     "one_ulp": lambda m: m.weight_hh_l0.view(-1)[3].copy_(
-        torch.nextafter(m.weight_hh_l0.view(-1)[3], torch.tensor(10.0))),
+        torch.nextafter(m.weight_hh_l0.view(-1)[3], torch.tensor(10.0))
+    ),
     "load_state_dict": lambda m: m.load_state_dict(
-        {k: (v * 0.9 if "hh" in k else v) for k, v in m.state_dict().items()}),
+        {k: (v * 0.9 if "hh" in k else v) for k, v in m.state_dict().items()}
+    ),
     "dtype_round_trip": lambda m: m.float().double(),
     "granularity": lambda m: setattr(m, "granularity", "per_gate") if m.mode != "RNN_TANH" else None,
 }

@@ -24,7 +24,7 @@ from rnn_reference import CELLS, formula_penalty, perturb, raw_weight, reference
 
 import cdcore
 
-I, H, N, T = 3, 4, 2, 4
+N_IN, H, N, T = 3, 4, 2, 4
 SEEDS = st.integers(0, 2**31 - 1)
 
 
@@ -39,17 +39,29 @@ def _loss(out, hidden):
 class StiefelMachine(RuleBasedStateMachine):
     cell = "lstm"  # set by the subclasses below
 
-    @initialize(granularity=st.sampled_from(["stacked", "per_gate"]), layers=st.integers(1, 2),
-                bidirectional=st.booleans(), seed=SEEDS)
+    @initialize(
+        granularity=st.sampled_from(["stacked", "per_gate"]),
+        layers=st.integers(1, 2),
+        bidirectional=st.booleans(),
+        seed=SEEDS,
+    )
     def build(self, granularity, layers, bidirectional, seed):
         if self.cell == "rnn":
             granularity = "stacked"
         torch.manual_seed(seed)
         cls = CELLS[self.cell][0]
-        self.m = cls(I, H, layers, batch_first=True, bidirectional=bidirectional, penalty_param=0.5,
-                     granularity=granularity, dtype=torch.float64)
+        self.m = cls(
+            N_IN,
+            H,
+            layers,
+            batch_first=True,
+            bidirectional=bidirectional,
+            penalty_param=0.5,
+            granularity=granularity,
+            dtype=torch.float64,
+        )
         perturb(self.m, scale=0.1, seed=seed)
-        self.x = torch.randn(N, T, I, dtype=torch.float64)
+        self.x = torch.randn(N, T, N_IN, dtype=torch.float64)
         self.optimisers = {}
 
     # -- helpers ---------------------------------------------------------------------------
@@ -93,8 +105,10 @@ class StiefelMachine(RuleBasedStateMachine):
             else:
                 hh = [self.weight(n) for n in self.m.dissolved_names]
                 rest = [self.weight(n) for n in self.names() if n not in self.m.dissolved_names]
-                opt = cdcore.optim.CayleyAdam([{"params": hh, "stiefel": True, "granularity": self.m.granularity},
-                                               {"params": rest}], lr=0.01)
+                opt = cdcore.optim.CayleyAdam(
+                    [{"params": hh, "stiefel": True, "granularity": self.m.granularity}, {"params": rest}],
+                    lr=0.01,
+                )
             self.optimisers[kind] = opt
         return self.optimisers[kind]
 
@@ -121,8 +135,10 @@ class StiefelMachine(RuleBasedStateMachine):
         self.zero_grad()
 
     # -- operations ------------------------------------------------------------------------------
-    @rule(kind=st.sampled_from(["sgd", "adam_foreach", "adam_fused", "adamw", "cayley_adam"]),
-          penalty_first=st.booleans())
+    @rule(
+        kind=st.sampled_from(["sgd", "adam_foreach", "adam_fused", "adamw", "cayley_adam"]),
+        penalty_first=st.booleans(),
+    )
     def optimiser_step(self, kind, penalty_first):
         opt = self.optimiser(kind)
         opt.zero_grad()
@@ -153,7 +169,10 @@ class StiefelMachine(RuleBasedStateMachine):
     @rule(seed=SEEDS)
     def load_state_dict(self, seed):
         g = self.generator(seed)
-        state = {k: v + 0.02 * torch.randn(v.shape, generator=g, dtype=v.dtype) for k, v in self.m.state_dict().items()}
+        state = {
+            k: v + 0.02 * torch.randn(v.shape, generator=g, dtype=v.dtype)
+            for k, v in self.m.state_dict().items()
+        }
         self.m.load_state_dict(state)
 
     @rule(training=st.booleans())
@@ -196,9 +215,13 @@ class StiefelMachine(RuleBasedStateMachine):
         g = self.generator(seed)
         names = self.names()
         chosen = [n for i, n in enumerate(names) if mask >> (i % 16) & 1] or names[:1]
-        swapped = {n: (self.weight(n).detach() + 0.1 * torch.randn(self.weight(n).shape, generator=g,
-                                                                   dtype=torch.float64)).requires_grad_()
-                   for n in chosen}
+        swapped = {
+            n: (
+                self.weight(n).detach()
+                + 0.1 * torch.randn(self.weight(n).shape, generator=g, dtype=torch.float64)
+            ).requires_grad_()
+            for n in chosen
+        }
         before = {n: self.weight(n).detach().clone() for n in names}
         self.zero_grad()
         out, hidden = torch.func.functional_call(self.m, swapped, (self.x,))
@@ -208,13 +231,15 @@ class StiefelMachine(RuleBasedStateMachine):
         _loss(out_r, hidden_r).backward()
         for n in names:
             mine = swapped[n] if n in swapped else self.weight(n)
-            assert torch.allclose(mine.grad, leaves[n].grad, atol=1e-9, rtol=0), f"functional_call gradient {n}"
+            assert torch.allclose(mine.grad, leaves[n].grad, atol=1e-9, rtol=0), (
+                f"functional_call gradient {n}"
+            )
             assert torch.equal(self.weight(n), before[n]), f"functional_call changed {n}"
         self.zero_grad()
 
     @rule(first=st.booleans(), second=st.booleans(), seed=SEEDS)
     def accumulate_two_micro_batches(self, first, second, seed):
-        xs = torch.randn(2, N, T, I, generator=self.generator(seed), dtype=torch.float64)
+        xs = torch.randn(2, N, T, N_IN, generator=self.generator(seed), dtype=torch.float64)
         self.zero_grad()
         for x, penalty_first in zip(xs, (first, second)):
             penalty = cdcore.quad_penalty(self.m) if penalty_first else None
@@ -246,8 +271,13 @@ def machine(cell):
     return type(f"{cell.upper()}Machine", (StiefelMachine,), {"cell": cell})
 
 
-SETTINGS = settings(max_examples=30, stateful_step_count=12, deadline=None, derandomize=True,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+SETTINGS = settings(
+    max_examples=30,
+    stateful_step_count=12,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 
 TestStiefelLSTM = machine("lstm").TestCase
 TestStiefelLSTM.settings = SETTINGS
