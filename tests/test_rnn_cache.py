@@ -159,6 +159,7 @@ def test_bypassed_by_autograd_tracing_and_transforms(cell, calls):
         torch.func.vmap(probe)(torch.randn(2, 3, 3))
         torch.func.grad(lambda w: (probe(w) ** 2).sum())(torch.randn(3, 3))
         assert cdrnn._NoGradCache.applicable(torch.randn(2, 3, 3))
+        assert not cdrnn._NoGradCache.applicable(torch.randn(2, 3, 3, device="meta"))  # CPU only
     assert seen == [False, False]
 
 
