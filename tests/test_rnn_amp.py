@@ -66,7 +66,7 @@ def test_fp16_autocast_with_grad_scaler_on_cuda(cell):
     perturb(m, scale=0.05)
     head = torch.nn.Linear(32, 4).cuda()
     opt = torch.optim.Adam([*m.parameters(), *head.parameters()], lr=1e-3)
-    scaler = torch.amp.GradScaler("cuda")
+    scaler = torch.amp.GradScaler("cuda", init_scale=2.0**8)  # small enough not to skip the first steps
     x, y = torch.randn(8, 7, 3, device="cuda"), torch.randint(0, 4, (8,), device="cuda")
     with torch.autocast("cuda", dtype=torch.float16):
         out, _ = m(x)
