@@ -419,7 +419,7 @@ def _caller_stacklevel() -> int:
 def warn_zero_penalty(what: str) -> None:
     """Warn (at the caller's line outside cdcore) that nothing pulls ``what`` back to the manifold."""
     warnings.warn(
-        f"penalty_param=0 on {what}: nothing pulls it back to the Stiefel manifold",
+        f"penalty_param=0 on {what}: nothing pulls W back to the Stiefel manifold",
         UserWarning,
         stacklevel=_caller_stacklevel(),
     )

@@ -133,7 +133,7 @@ def test_quad_penalty_of_plain_model_is_zero():
 
 
 def test_zero_penalty_warns_and_bad_values_raise():
-    with pytest.warns(UserWarning, match="nothing pulls it back") as record:
+    with pytest.warns(UserWarning, match="nothing pulls W back") as record:
         cdcore.dissolve(nn.Linear(3, 6), "weight", penalty_param=0.0)
     assert record[0].filename == __file__
     for bad in (-1.0, float("nan"), float("inf"), "x"):

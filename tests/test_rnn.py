@@ -297,7 +297,7 @@ def test_bad_arguments_raise(cell):
 
 @pytest.mark.parametrize("cell", CELL_NAMES)
 def test_zero_penalty_warns_once_per_module_at_the_callers_line(cell):
-    with pytest.warns(UserWarning, match="penalty_param=0 .*nothing pulls it back") as record:
+    with pytest.warns(UserWarning, match="penalty_param=0 .*nothing pulls W back") as record:
         make(cell, 3, 4, 3, bidirectional=True, penalty_param=0.0)
     assert len(record) == 1  # one warning for six recurrent weights
     assert record[0].filename == __file__
