@@ -101,7 +101,7 @@ def build_lstm(lstm: nn.LSTM, cfg) -> Built:
 
 def build_cd(lstm: nn.LSTM, cfg) -> Built:
     rnn = cdcore.StiefelLSTM.from_lstm(lstm, penalty_param=cfg.penalty_param, granularity=cfg.granularity)
-    raws = [rnn.parametrizations[n].original for n in rnn.dissolved_names]
+    raws = [getattr(rnn, n) for n in rnn.dissolved_names]  # the raw weights W (plain parameters)
 
     def weights():
         eff, _ = rnn.effective_weights()

@@ -11,9 +11,11 @@ so a tall (4H, H) LSTM weight really moves on St(4H, H) at O(n p^2) cost.
 Param groups mark Stiefel parameters with ``"stiefel": True`` (and optionally
 ``"granularity"``: ``"stacked"`` or ``"per_gate"``); every other group gets plain
 Adam (``CayleyAdam``, the update of :class:`torch.optim.Adam`) or SGD with momentum
-(``CayleySGD``).  Only ``step`` is overridden; parameters are updated in place, so
-``nn.LSTM`` keeps its flat weight buffers.  Stiefel parameters of one shape are
-updated together in one batched operation.
+(``CayleySGD``).  ``step`` and ``add_param_group`` (where every group is validated) are
+overridden; parameters are updated in place, so ``nn.LSTM`` keeps its flat weight buffers.
+Stiefel parameters of one shape are updated together in one batched operation, each with
+its own step count.  A Stiefel parameter may have leading batch dimensions, (..., n, p):
+each matrix is a point of St(n, p).
 
 Per Stiefel step, with Euclidean gradient G at X:
 
@@ -44,41 +46,96 @@ from .dissolving import check_granularity, from_blocks, to_blocks
 __all__ = ["CayleyAdam", "CayleySGD"]
 
 
-def _positive(name: str, value, allow_zero: bool = True) -> float:
+def _number(name: str, value, *, low: float, low_open: bool = False, high: float | None = None) -> float:
+    """``value`` as a float if finite and in range, else ValueError naming it (bool is not a number)."""
+    bound = (f"> {low:g}" if low_open else f">= {low:g}") + (f" and < {high:g}" if high is not None else "")
     try:
+        if isinstance(value, bool):
+            raise TypeError
         v = float(value)
     except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a finite number; got {value!r}") from None
-    if not math.isfinite(v) or v < 0 or (v == 0 and not allow_zero):
-        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{name} must be a finite number {bound}; got {value!r}") from None
+    if not math.isfinite(v) or v < low or (low_open and v == low) or (high is not None and v >= high):
         raise ValueError(f"{name} must be a finite number {bound}; got {value!r}")
     return v
 
 
 class _CayleyBase(torch.optim.Optimizer):
+    """Shared by CayleySGD and CayleyAdam: validation, the non-finite check, batched Stiefel buckets.
+
+    Every check of a param group (hyperparameters, ``stiefel``, ``granularity``, shapes) runs
+    in :meth:`add_param_group`, which the constructor calls for each group, so a group added
+    later is held to the same rules; ``step`` validates nothing but the gradients' finiteness.
+    """
+
     def __init__(self, params, defaults: dict) -> None:
-        _positive("lr", defaults["lr"], allow_zero=False)
-        _positive("feasibility_tol", defaults["feasibility_tol"], allow_zero=False)
-        if not (isinstance(defaults["check_every"], int) and defaults["check_every"] >= 1):
-            raise ValueError(f"check_every must be an integer >= 1; got {defaults['check_every']!r}")
         defaults.setdefault("stiefel", False)
         defaults.setdefault("granularity", "stacked")
+        self._check_hyperparameters(defaults, "")
         super().__init__(params, defaults)
-        for group in self.param_groups:
+
+    def _check_hyperparameters(self, group: dict, where: str) -> None:
+        _number(f"{where}lr", group["lr"], low=0)
+        _number(f"{where}weight_decay", group["weight_decay"], low=0)
+        _number(f"{where}feasibility_tol", group["feasibility_tol"], low=0, low_open=True)
+        every = group["check_every"]
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"{where}check_every must be an integer >= 1; got {every!r}")
+        if not isinstance(group["stiefel"], bool):
+            raise ValueError(f"{where}stiefel must be True or False; got {group['stiefel']!r}")
+
+    def add_param_group(self, param_group: dict) -> None:
+        """Add a param group after validating it like the constructor's (see the class docstring).
+
+        Raises
+        ------
+        ValueError
+            A bad hyperparameter, ``stiefel`` flag or ``granularity``; a Stiefel parameter that is
+            not of shape (..., n, p) with n >= p (``"stacked"``) or (..., k H, H) (``"per_gate"``),
+            or not floating point; an explicit non-zero ``weight_decay`` in a Stiefel group.  The
+            optimiser is left as it was.
+        """
+        where = f"param group {len(self.param_groups)}: "
+        explicit_decay = param_group.get("weight_decay", 0) if isinstance(param_group, dict) else 0
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:
+            self._check_hyperparameters(group, where)
             if group["stiefel"]:
+                if explicit_decay != 0:
+                    raise ValueError(
+                        f"{where}weight_decay must be 0 in a Stiefel group (a decayed point leaves the "
+                        f"manifold; the optimiser-wide weight_decay applies to Euclidean groups only); "
+                        f"got {explicit_decay!r}"
+                    )
                 check_granularity(group["granularity"])
-                if group.get("weight_decay", 0):
-                    raise ValueError(f"weight_decay must be 0 on a Stiefel group; got {group['weight_decay']!r}")
-                for p in group["params"]:
-                    to_blocks(p, group["granularity"])  # shape check
+                for i, p in enumerate(group["params"]):
+                    try:
+                        to_blocks(p, group["granularity"])
+                    except ValueError as e:
+                        raise ValueError(f"{where}Stiefel parameter {i}: {e}") from None
+        except ValueError:
+            self.param_groups.pop()
+            raise
 
     @torch.no_grad()
     def step(self, closure=None):
-        """Perform one optimisation step; ``closure`` re-evaluates the loss (optional)."""
+        """Perform one optimisation step; ``closure`` re-evaluates the loss (optional).
+
+        Raises
+        ------
+        ValueError
+            A Stiefel parameter's gradient holds inf or NaN (checked for all of them, with
+            one host synchronisation per device, before anything is modified; the message
+            names the group, the index in it and the shape).  With
+            ``torch.amp.GradScaler`` this never fires: the scaler skips ``step`` itself when
+            it finds non-finite gradients.  Euclidean groups behave as ``torch.optim``.
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._check_finite()
         for group in self.param_groups:
             if group["stiefel"]:
                 buckets: dict[tuple, list[Tensor]] = {}
@@ -93,43 +150,78 @@ class _CayleyBase(torch.optim.Optimizer):
                         self._euclidean(group, p)
         return loss
 
+    def _check_finite(self) -> None:
+        by_device: dict[torch.device, list[Tensor]] = {}
+        for group in self.param_groups:
+            if group["stiefel"]:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        by_device.setdefault(p.grad.device, []).append(p.grad)
+        if all(bool(torch.stack([g.isfinite().all() for g in grads]).all()) for grads in by_device.values()):
+            return
+        for gi, group in enumerate(self.param_groups):
+            for i, p in enumerate(group["params"]):
+                if group["stiefel"] and p.grad is not None and not bool(p.grad.isfinite().all()):
+                    raise ValueError(
+                        f"non-finite gradient (inf or NaN) for Stiefel parameter {i} of param group {gi}, "
+                        f"shape {tuple(p.shape)}: no parameter was updated (skip such steps, as "
+                        f"torch.amp.GradScaler does)"
+                    )
+
     def _stiefel_bucket(self, group: dict, params: list[Tensor]) -> None:
+        """Update Stiefel parameters of one shape, dtype and device in one batched operation.
+
+        Each parameter keeps its own step count (bias correction and feasibility checks are
+        per parameter, so a parameter whose first gradient comes late starts its own count).
+        """
         gran = group["granularity"]
-        k = len(params)
         for p in params:
             st = self.state[p]
             if not st:
                 st["step"] = 0
                 st["reprojections"] = 0
-                st["momentum"] = torch.zeros_like(p)
+                st["momentum"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 blocks = to_blocks(p, gran)
                 st["second_moment"] = p.new_zeros(blocks.shape[:-2])
                 if float(stiefel.feasibility(blocks).max()) > group["feasibility_tol"]:
                     p.copy_(from_blocks(stiefel.projx(blocks), gran))
                     st["reprojections"] += 1
-        X = to_blocks(torch.stack(params), gran).flatten(0, 1)
-        G = to_blocks(torch.stack([p.grad for p in params]), gran).flatten(0, 1)
-        M = to_blocks(torch.stack([self.state[p]["momentum"] for p in params]), gran).flatten(0, 1)
-        V = torch.stack([self.state[p]["second_moment"] for p in params]).flatten(0, 1)
-        t = self.state[params[0]]["step"] + 1
+        k = len(params)
+        stacked_shape = to_blocks(torch.stack(params), gran).shape  # (k, ..., b, n, p)
+        n, q = stacked_shape[-2:]
+        per_param = math.prod(stacked_shape[1:-2])  # matrices per parameter
+
+        def flat(ts):
+            return to_blocks(torch.stack(ts), gran).reshape(-1, n, q)
+
+        X = flat(params)
+        G = flat([p.grad for p in params])
+        M = flat([self.state[p]["momentum"] for p in params])
+        V = torch.stack([self.state[p]["second_moment"] for p in params]).reshape(-1)
+        steps = [self.state[p]["step"] + 1 for p in params]
+        t = torch.tensor(steps, dtype=X.dtype, device=X.device).repeat_interleave(per_param)
         Y, M, V = self._stiefel_update(group, X, stiefel.proju(X, G), M, V, t)
-        check = t % group["check_every"] == 0
-        if check:
-            feas = stiefel.feasibility(Y)
-            bad = feas > group["feasibility_tol"]
-            if bool(bad.any()):
+        due = [s % group["check_every"] == 0 for s in steps]
+        bad_per_param = [False] * k
+        if any(due):
+            due_mask = torch.tensor(due, device=X.device).repeat_interleave(per_param)
+            bad = (stiefel.feasibility(Y) > group["feasibility_tol"]) & due_mask
+            bad_per_param = bad.reshape(k, per_param).any(dim=1).tolist()
+            if any(bad_per_param):
                 Y = torch.where(bad[:, None, None], stiefel.projx(Y), Y)
                 M = stiefel.proju(Y, M)
-            bad_per_param = bad.reshape(k, -1).any(dim=1).tolist()
-        shape = lambda T: from_blocks(T.reshape(k, -1, *T.shape[-2:]), gran)  # noqa: E731
+
+        def back(T):
+            return from_blocks(T.reshape(stacked_shape), gran)
+
+        Y, M, V = back(Y), back(M), V.reshape(k, -1)
         for i, p in enumerate(params):
             st = self.state[p]
-            p.copy_(shape(Y)[i])
-            st["momentum"].copy_(shape(M)[i])
-            st["second_moment"].copy_(V.reshape(k, -1)[i].reshape(st["second_moment"].shape))
-            st["step"] = t
-            if check and bad_per_param[i]:
-                st["reprojections"] += 1
+            p.copy_(Y[i])
+            st["momentum"].copy_(M[i])
+            st["second_moment"].copy_(V[i].reshape(st["second_moment"].shape))
+            st["step"] = steps[i]
+            st["reprojections"] += int(bad_per_param[i])
 
     def _stiefel_update(self, group, X, xi, M, V, t):  # pragma: no cover - abstract
         raise NotImplementedError
@@ -152,11 +244,12 @@ class CayleySGD(_CayleyBase):
         marks parameters of shape (n, p), n >= p (or (k H, H) per gate) as points of
         St(n, p).
     lr : float
-        Learning rate (> 0).
+        Learning rate (>= 0; 0 leaves the parameters where they are, as in ``torch.optim``).
     momentum : float
         Heavy-ball coefficient in [0, 1).
     weight_decay : float
-        L2 penalty for non-Stiefel groups only.
+        L2 penalty (>= 0) of the Euclidean groups.  Stiefel groups ignore the optimiser-wide
+        value and refuse an explicit non-zero one (a decayed point leaves the manifold).
     feasibility_tol : float
         Re-project a matrix whose ||X^T X - I||_F (measured in float64) exceeds this,
         checked every ``check_every`` steps.  In float32 the Cayley steps drift by
@@ -165,19 +258,40 @@ class CayleySGD(_CayleyBase):
     check_every : int
         Steps between feasibility checks (each one synchronises with the device).
 
+    Every group may override any of these; ``step`` updates each Stiefel parameter with its
+    own step count and raises before updating anything if a Stiefel gradient is not finite
+    (see :meth:`step`).  ``state_dict`` / ``load_state_dict`` round-trip as in ``torch.optim``.
+
     Raises
     ------
     ValueError
-        Bad hyperparameter, granularity or parameter shape.
+        Bad hyperparameter, ``stiefel`` flag, granularity or Stiefel parameter shape, in the
+        constructor and in :meth:`add_param_group` alike (messages name the group).
     """
 
-    def __init__(self, params, lr: float = 1e-2, momentum: float = 0.9, weight_decay: float = 0.0,
-                 feasibility_tol: float = 5e-6, check_every: int = 100) -> None:
-        if not (0 <= float(momentum) < 1):
-            raise ValueError(f"momentum must be in [0, 1); got {momentum!r}")
-        _positive("weight_decay", weight_decay)
-        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
-                                      feasibility_tol=feasibility_tol, check_every=check_every))
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-2,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        feasibility_tol: float = 5e-6,
+        check_every: int = 100,
+    ) -> None:
+        super().__init__(
+            params,
+            dict(
+                lr=lr,
+                momentum=momentum,
+                weight_decay=weight_decay,
+                feasibility_tol=feasibility_tol,
+                check_every=check_every,
+            ),
+        )
+
+    def _check_hyperparameters(self, group: dict, where: str) -> None:
+        super()._check_hyperparameters(group, where)
+        _number(f"{where}momentum", group["momentum"], low=0, high=1)
 
     def _stiefel_update(self, group, X, xi, M, V, t):
         M = group["momentum"] * M + xi
@@ -208,38 +322,68 @@ class CayleyAdam(_CayleyBase):
     params : iterable of Tensor or dict
         Param groups; ``{"params": [...], "stiefel": True}`` marks Stiefel parameters.
     lr : float
-        Learning rate (> 0).
+        Learning rate (>= 0).
     betas : (float, float)
         Moment coefficients, each in [0, 1).
     eps : float
         Denominator term (> 0).
     weight_decay : float
-        L2 penalty for non-Stiefel groups only.
+        L2 penalty (>= 0) of the Euclidean groups; see :class:`CayleySGD`.
     feasibility_tol, check_every
         As for :class:`CayleySGD`.
+
+    Notes
+    -----
+    The bias corrections 1 - beta^t use each Stiefel parameter's own step count t, also when
+    parameters of one shape are updated together in one batched operation.
 
     Raises
     ------
     ValueError
-        Bad hyperparameter, granularity or parameter shape.
+        As for :class:`CayleySGD`.
     """
 
-    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0, feasibility_tol: float = 5e-6, check_every: int = 100) -> None:
-        if not all(0 <= float(b) < 1 for b in betas) or len(betas) != 2:
-            raise ValueError(f"betas must be two numbers in [0, 1); got {betas!r}")
-        _positive("eps", eps, allow_zero=False)
-        _positive("weight_decay", weight_decay)
-        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
-                                      feasibility_tol=feasibility_tol, check_every=check_every))
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        betas=(0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        feasibility_tol: float = 5e-6,
+        check_every: int = 100,
+    ) -> None:
+        super().__init__(
+            params,
+            dict(
+                lr=lr,
+                betas=betas,
+                eps=eps,
+                weight_decay=weight_decay,
+                feasibility_tol=feasibility_tol,
+                check_every=check_every,
+            ),
+        )
+
+    def _check_hyperparameters(self, group: dict, where: str) -> None:
+        super()._check_hyperparameters(group, where)
+        betas = group["betas"]
+        try:
+            b1, b2 = betas
+            _number("beta", b1, low=0, high=1)
+            _number("beta", b2, low=0, high=1)
+        except (TypeError, ValueError):
+            raise ValueError(f"{where}betas must be two numbers in [0, 1); got {betas!r}") from None
+        group["betas"] = (float(b1), float(b2))
+        _number(f"{where}eps", group["eps"], low=0, low_open=True)
 
     def _stiefel_update(self, group, X, xi, M, V, t):
         b1, b2 = group["betas"]
         M = b1 * M + (1 - b1) * xi
         V = b2 * V + (1 - b2) * xi.square().mean(dim=(-2, -1))
-        step = group["lr"] / (1 - b1**t)
+        step = group["lr"] / (1 - b1**t)  # per matrix: t is each parameter's own step count
         denom = (V / (1 - b2**t)).sqrt() + group["eps"]
-        Y = stiefel.retr_cayley(X, -step * M / denom[:, None, None])
+        Y = stiefel.retr_cayley(X, -(step / denom)[:, None, None] * M)
         return Y, stiefel.proju(Y, M), V
 
     def _euclidean(self, group, p):

@@ -55,7 +55,9 @@ def check_point(X: Tensor, name: str = "X") -> None:
         raise ValueError(f"{name} must be a floating-point tensor, got dtype {X.dtype}")
     n, p = X.shape[-2:]
     if n < p:
-        raise ValueError(f"{name} of shape {tuple(X.shape)} is not on any St(n, p): needs n >= p, got n={n}, p={p}")
+        raise ValueError(
+            f"{name} of shape {tuple(X.shape)} is not on any St(n, p): needs n >= p, got n={n}, p={p}"
+        )
 
 
 def sym(M: Tensor) -> Tensor:
@@ -126,8 +128,8 @@ def projx(X: Tensor) -> Tensor:
     Returns
     -------
     Tensor, shape (..., n, p)
-        U V^T where X = U S V^T is the thin SVD ([AMS08]_, sec. 4.1 (projective retraction); Higham, *Functions
-        of Matrices*, 2008, Thm. 8.4).  Computed in float64 (then cast back to X's
+        U V^T where X = U S V^T is the thin SVD ([AMS08]_, sec. 4.1 (projective retraction);
+        Higham, *Functions of Matrices*, 2008, Thm. 8.4).  Computed in float64 (then cast back to X's
         dtype) and without autograd history: a float32 SVD alone leaves
         ||X^T X - I||_F near 1e-5 for a 400 x 100 matrix, float64 about 2e-7.
 
@@ -145,8 +147,8 @@ def projx(X: Tensor) -> Tensor:
 def proju(X: Tensor, U: Tensor) -> Tensor:
     r"""Orthogonal projection of ``U`` onto the tangent space of St(n, p) at ``X``.
 
-    P_X(U) = U - X sym(X^T U)  ([AMS08]_, ch. 3, the Stiefel manifold as a Riemannian submanifold).  The result
-    satisfies X^T P + P^T X = 0; the map is idempotent.
+    P_X(U) = U - X sym(X^T U)  ([AMS08]_, ch. 3, the Stiefel manifold as a Riemannian submanifold).
+    The result satisfies X^T P + P^T X = 0; the map is idempotent.
 
     Parameters
     ----------
@@ -265,9 +267,9 @@ def retr_cayley(X: Tensor, U: Tensor, step: float | Tensor = 1.0) -> Tensor:
     XtU = X.transpose(-2, -1) @ U
     P = 0.5 * XtU
     R = U.transpose(-2, -1) @ U - 0.75 * (XtU.transpose(-2, -1) @ XtU)
-    I = _eye_like(X)
-    E = I - a * P
+    eye = _eye_like(X)
+    E = eye - a * P
     Pt = P.transpose(-2, -1)
-    K = (I + a * Pt) @ E + (a * a) * R
+    K = (eye + a * Pt) @ E + (a * a) * R
     Z = U - X @ (P + Pt @ E + a * R)  # (1/2) X^T U = P
     return X + (2 * a) * (Z @ torch.linalg.inv(K))

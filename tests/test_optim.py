@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -32,7 +34,9 @@ def test_decreases_procrustes_objective_and_stays_feasible(cls, kw, granularity)
         assert stiefel.feasibility(blocks).max() < 1e-10
     if granularity == "stacked":
         # the optimum of ||X - T||^2 on St(n, p) is the polar factor of T
-        opt_val = (stiefel.projx(target) - target).square().sum() + (stiefel.projx(target_q) - target_q).square().sum()
+        opt_val = (stiefel.projx(target) - target).square().sum() + (
+            stiefel.projx(target_q) - target_q
+        ).square().sum()
         assert loss.item() < opt_val.item() + 0.05 * (loss0 - opt_val.item())
 
 
@@ -50,6 +54,7 @@ def test_tall_weight_is_really_on_stiefel_not_plain_sgd():
     assert torch.allclose(p.detach(), expected, atol=1e-12)
 
 
+@pytest.mark.slow  # 10,000 optimiser steps on St(400, 100) in float32: about 35 s on a 2-core CPU
 def test_float32_feasibility_over_10000_steps():
     H = 100
     torch.manual_seed(0)
@@ -115,7 +120,9 @@ def test_lstm_updated_in_place_and_batched_across_weights(monkeypatch):
     ptrs = [p.data_ptr() for p in lstm.parameters()]
     calls = []
     orig = stiefel.retr_cayley
-    monkeypatch.setattr(stiefel, "retr_cayley", lambda X, U, step=1.0: (calls.append(X.shape), orig(X, U, step))[1])
+    monkeypatch.setattr(
+        stiefel, "retr_cayley", lambda X, U, step=1.0: (calls.append(X.shape), orig(X, U, step))[1]
+    )
     opt = optim.CayleyAdam([{"params": st, "stiefel": True}, {"params": others}], lr=1e-2)
     x = torch.randn(5, 2, 3)
     for _ in range(3):
@@ -133,9 +140,196 @@ def test_bad_hyperparameters_raise():
     with pytest.raises(ValueError, match="n >= p"):
         optim.CayleyAdam([{"params": [p], "stiefel": True}])
     q = nn.Parameter(torch.randn(5, 3))
-    with pytest.raises(ValueError, match="lr must be a finite number > 0; got -1"):
+    with pytest.raises(ValueError, match="lr must be a finite number >= 0; got -1"):
         optim.CayleyAdam([q], lr=-1)
     with pytest.raises(ValueError, match="granularity must be one of"):
         optim.CayleySGD([{"params": [q], "stiefel": True, "granularity": "cols"}])
     with pytest.raises(ValueError, match="momentum"):
         optim.CayleySGD([q], momentum=1.5)
+
+
+# -- torch.optim behaviour (issue 11 item 5) -----------------------------------------------------
+def _stiefel_param(n=6, p=3, seed=0):
+    return nn.Parameter(
+        stiefel.random_point(n, p, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    )
+
+
+def test_lr_zero_is_allowed_and_moves_nothing():
+    p, q = _stiefel_param(), nn.Parameter(torch.randn(4, dtype=torch.float64))
+    before = p.detach().clone(), q.detach().clone()
+    for cls in (optim.CayleyAdam, optim.CayleySGD):
+        opt = cls([{"params": [p], "stiefel": True}, {"params": [q]}], lr=0)
+        p.grad, q.grad = torch.randn_like(p), torch.randn_like(q)
+        opt.step()
+        assert torch.equal(p, before[0]) and torch.equal(q, before[1])
+
+
+def test_each_stiefel_parameter_has_its_own_step_count():
+    g = torch.Generator().manual_seed(1)
+    p, q = _stiefel_param(seed=0), _stiefel_param(seed=1)
+    q_alone = nn.Parameter(q.detach().clone())
+    opt = optim.CayleyAdam([{"params": [p, q], "stiefel": True}], lr=0.05)
+    for _ in range(3):  # q gets no gradient for three steps
+        p.grad = torch.randn(6, 3, generator=g, dtype=torch.float64)
+        opt.step()
+    grad = torch.randn(6, 3, generator=g, dtype=torch.float64)
+    p.grad, q.grad = torch.randn(6, 3, generator=g, dtype=torch.float64), grad.clone()
+    opt.step()  # batched with p (step 4) but q's first step
+    fresh = optim.CayleyAdam([{"params": [q_alone], "stiefel": True}], lr=0.05)
+    q_alone.grad = grad.clone()
+    fresh.step()
+    assert torch.allclose(q, q_alone, atol=1e-13)
+    assert opt.state[q]["step"] == 1 and opt.state[p]["step"] == 4
+
+
+def test_non_finite_stiefel_gradient_raises_before_anything_changes():
+    e = nn.Parameter(torch.randn(4, dtype=torch.float64))
+    p, q = _stiefel_param(seed=0), _stiefel_param(seed=1)
+    opt = optim.CayleyAdam([{"params": [e]}, {"params": [p, q], "stiefel": True}], lr=0.05)
+    before = [t.detach().clone() for t in (e, p, q)]
+    for bad in (float("nan"), float("inf")):
+        e.grad, p.grad, q.grad = torch.ones_like(e), torch.ones_like(p), torch.ones_like(q)
+        q.grad[2, 1] = bad
+        with pytest.raises(
+            ValueError,
+            match=r"non-finite gradient .* Stiefel parameter 1 of param group 1, "
+            r"shape \(6, 3\): no parameter was updated",
+        ):
+            opt.step()
+        assert all(torch.equal(t, b) for t, b in zip((e, p, q), before))
+        assert not opt.state  # nothing initialised either
+
+
+def test_grad_scaler_skips_the_step_itself():
+    lstm = nn.LSTM(3, 4)
+    hh = [lstm.weight_hh_l0]
+    rest = [p for n, p in lstm.named_parameters() if n != "weight_hh_l0"]
+    opt = optim.CayleyAdam([{"params": hh, "stiefel": True}, {"params": rest}], lr=1e-2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    x = torch.randn(5, 2, 3, dtype=torch.float32)
+    lstm.float()
+    before = {n: p.detach().clone() for n, p in lstm.named_parameters()}
+    scaler.scale(lstm(x)[0].square().sum()).backward()
+    lstm.weight_hh_l0.grad[0, 0] = float("inf")
+    scaler.step(opt)  # finds the inf while unscaling and does not call opt.step
+    scaler.update()
+    assert scaler.get_scale() < 2.0**10
+    assert all(torch.equal(p, before[n]) for n, p in lstm.named_parameters())
+    opt.zero_grad()
+    scaler.scale(lstm(x)[0].square().sum()).backward()
+    scaler.step(opt)
+    scaler.update()
+    assert not torch.equal(lstm.weight_hh_l0, before["weight_hh_l0"])
+    assert stiefel.feasibility(lstm.weight_hh_l0.detach()).item() < 1e-5
+
+
+def test_weight_decay_applies_to_euclidean_groups_only():
+    p, e = _stiefel_param(), nn.Parameter(torch.randn(4, 3, dtype=torch.float64))
+    p_ref, e_ref = nn.Parameter(p.detach().clone()), nn.Parameter(e.detach().clone())
+    opt = optim.CayleyAdam([{"params": [p], "stiefel": True}, {"params": [e]}], lr=0.05, weight_decay=0.1)
+    ref_st = optim.CayleyAdam([{"params": [p_ref], "stiefel": True}], lr=0.05)
+    ref_eu = torch.optim.Adam([e_ref], lr=0.05, weight_decay=0.1, foreach=False)
+    g = torch.Generator().manual_seed(2)
+    for _ in range(3):
+        gp, ge = (
+            torch.randn(6, 3, generator=g, dtype=torch.float64),
+            torch.randn(4, 3, generator=g, dtype=torch.float64),
+        )
+        p.grad, p_ref.grad, e.grad, e_ref.grad = gp, gp.clone(), ge, ge.clone()
+        opt.step(), ref_st.step(), ref_eu.step()
+    assert torch.allclose(p, p_ref, atol=1e-13)  # the optimiser-wide decay does not touch the Stiefel group
+    assert torch.allclose(e, e_ref, atol=1e-12)
+    with pytest.raises(ValueError, match="param group 0: weight_decay must be 0 in a Stiefel group.*got 0.1"):
+        optim.CayleySGD([{"params": [p], "stiefel": True, "weight_decay": 0.1}])
+    optim.CayleySGD([{"params": [p], "stiefel": True, "weight_decay": 0.0}], weight_decay=0.1)
+
+
+BAD_GROUPS = [
+    (dict(lr=-1.0), "param group 1: lr must be a finite number >= 0; got -1.0"),
+    (dict(lr=float("nan")), "lr must be a finite number"),
+    (dict(weight_decay=-0.1), "weight_decay must be a finite number >= 0"),
+    (dict(check_every=0), "check_every must be an integer >= 1; got 0"),
+    (dict(feasibility_tol=0.0), "feasibility_tol must be a finite number > 0"),
+    (dict(stiefel="yes"), "stiefel must be True or False; got 'yes'"),
+    (dict(stiefel=True, granularity="cols"), "granularity must be one of stacked, per_gate; got 'cols'"),
+    (dict(stiefel=True, weight_decay=0.5), "weight_decay must be 0 in a Stiefel group"),
+    (dict(stiefel=True, shape=(3, 5)), r"Stiefel parameter 0: .*needs n >= p"),
+    (dict(stiefel=True, shape=(7, 3), granularity="per_gate"), r"Stiefel parameter 0: per_gate needs"),
+    (dict(stiefel=True, shape=(2, 7, 3), granularity="per_gate"), r"Stiefel parameter 0: per_gate needs"),
+    (dict(stiefel=True, shape=(5,)), r"Stiefel parameter 0: .*shape \(\.\.\., n, p\)"),
+    (dict(betas=(0.9, 1.0)), r"betas must be two numbers in \[0, 1\)"),
+    (dict(betas=0.9), r"betas must be two numbers"),
+    (dict(eps=0.0), "eps must be a finite number > 0"),
+]
+
+
+@pytest.mark.parametrize("bad,message", BAD_GROUPS)
+def test_add_param_group_validates_like_the_constructor(bad, message):
+    bad = dict(bad)
+    shape = bad.pop("shape", (6, 3))
+    w = nn.Parameter(torch.randn(*shape))
+    first = nn.Parameter(torch.randn(2))
+    group = {"params": [w], **bad}
+    with pytest.raises(ValueError, match=message):
+        optim.CayleyAdam([{"params": [first]}, dict(group)])
+    opt = optim.CayleyAdam([first])
+    with pytest.raises(ValueError, match=message):
+        opt.add_param_group(dict(group))
+    assert len(opt.param_groups) == 1  # the optimiser is left as it was
+    if "momentum" not in bad and "betas" not in bad and "eps" not in bad:
+        with pytest.raises(ValueError, match=message):
+            optim.CayleySGD([{"params": [first]}, dict(group)])
+
+
+def test_sgd_momentum_is_validated_per_group():
+    first = nn.Parameter(torch.randn(2))
+    with pytest.raises(
+        ValueError, match=r"param group 1: momentum must be a finite number >= 0 and < 1; got 1.5"
+    ):
+        optim.CayleySGD([{"params": [first]}, {"params": [nn.Parameter(torch.randn(2))], "momentum": 1.5}])
+    with pytest.raises(ValueError, match=r"momentum must be a finite number >= 0 and < 1; got 1.5"):
+        optim.CayleySGD([first], momentum=1.5)
+
+
+@pytest.mark.parametrize("cls", [optim.CayleyAdam, optim.CayleySGD])
+def test_batched_weight_with_per_gate_moves_each_block(cls):
+    g = torch.Generator().manual_seed(3)
+    blocks = stiefel.random_point(4, 4, 2, 3, generator=g, dtype=torch.float64)  # (2, 3, 4, 4)
+    w = nn.Parameter(blocks.reshape(2, 12, 4).clone())  # a (2, 3H, H) weight, H = 4
+    singles = [nn.Parameter(blocks[i].reshape(12, 4).clone()) for i in range(2)]
+    opt = cls([{"params": [w], "stiefel": True, "granularity": "per_gate"}], lr=0.05)
+    ref = cls([{"params": singles, "stiefel": True, "granularity": "per_gate"}], lr=0.05)
+    for _ in range(3):
+        grad = torch.randn(2, 12, 4, generator=g, dtype=torch.float64)
+        w.grad = grad
+        for i, s in enumerate(singles):
+            s.grad = grad[i].clone()
+        opt.step(), ref.step()
+    assert torch.allclose(w, torch.stack(list(singles)), atol=1e-13)
+    assert stiefel.feasibility(w.detach().reshape(6, 4, 4)).max() < 1e-12
+
+
+@pytest.mark.parametrize("cls", [optim.CayleyAdam, optim.CayleySGD])
+def test_state_dict_round_trip_continues_identically(cls):
+    g = torch.Generator().manual_seed(4)
+    p, e = _stiefel_param(), nn.Parameter(torch.randn(4, dtype=torch.float64))
+    opt = cls([{"params": [p], "stiefel": True}, {"params": [e]}], lr=0.05)
+    grads = [
+        (
+            torch.randn(6, 3, generator=g, dtype=torch.float64),
+            torch.randn(4, generator=g, dtype=torch.float64),
+        )
+        for _ in range(6)
+    ]
+    for gp, ge in grads[:3]:
+        p.grad, e.grad = gp.clone(), ge.clone()
+        opt.step()
+    p2, e2 = nn.Parameter(p.detach().clone()), nn.Parameter(e.detach().clone())
+    opt2 = cls([{"params": [p2], "stiefel": True}, {"params": [e2]}], lr=0.05)
+    opt2.load_state_dict(copy.deepcopy(opt.state_dict()))
+    for gp, ge in grads[3:]:
+        p.grad, e.grad, p2.grad, e2.grad = gp.clone(), ge.clone(), gp.clone(), ge.clone()
+        opt.step(), opt2.step()
+    assert torch.equal(p, p2) and torch.equal(e, e2)
+    assert opt2.state[p2]["step"] == 6

@@ -3,8 +3,6 @@ import torch
 
 from cdcore import stiefel
 
-
-
 pytestmark = pytest.mark.usefixtures("f64")
 
 
