@@ -22,7 +22,8 @@ import sys
 import uuid
 from pathlib import Path
 
-from .ablate import UsageError, cpu_name
+from .errors import UsageError
+from .provenance import device_name
 from .runner import RunConfig, run_one
 
 #: seconds to wait for an existing scheduler before ``--scheduler`` counts as wrong
@@ -84,11 +85,8 @@ def run_on_worker(cfg: RunConfig, data_dir, checkpoint_dir) -> tuple[dict, list[
 
     torch.set_num_threads(1)  # one run per worker thread: N workers use N cores, not N x cores
     row, history = run_one(cfg, data_dir=data_dir, checkpoint_dir=checkpoint_dir)
-    row.pop("traceback", None)
-    cuda = cfg.device == "cuda" and torch.cuda.is_available()
-    device_name = torch.cuda.get_device_name() if cuda else cpu_name()
     row.update(executor="dask", worker=get_worker().address, host=socket.gethostname(),
-               device_name=device_name, torch_version=torch.__version__)
+               device_name=device_name(cfg.device), torch_version=torch.__version__)
     return row, history
 
 
@@ -136,7 +134,7 @@ class DaskExecutor:
 
     Raises
     ------
-    bench.ablate.UsageError
+    bench.errors.UsageError
         Neither or both of ``scheduler`` and ``workers``, dask not installed, the
         scheduler unreachable within ``CONNECT_TIMEOUT_S``, or the cluster not starting.
 
@@ -155,13 +153,12 @@ class DaskExecutor:
     def __init__(self, scheduler: str | None = None, workers: int | None = None) -> None:
         if (scheduler is None) == (workers is None):
             raise UsageError("--executor dask needs exactly one of --scheduler ADDRESS (an existing "
-                                     "cluster) or --workers N (a LocalCluster started here)")
+                             "cluster) or --workers N (a LocalCluster started here)")
         try:
             import dask
             from dask.distributed import Client, LocalCluster
         except ImportError:
-            raise UsageError("--executor dask needs dask.distributed: "
-                                     "pip install 'cdbench[dask]'") from None
+            raise UsageError("--executor dask needs dask.distributed: pip install 'cdbench[dask]'") from None
         self._cluster = None
         self._token = uuid.uuid4().hex[:8]  # keeps the task keys of concurrent sweeps apart
         try:
@@ -256,7 +253,7 @@ class DaskExecutor:
 
 
 def make_executor(name: str, scheduler: str | None = None, workers: int | None = None):
-    """The executor called ``name``; raises ``bench.ablate.UsageError`` on a bad combination."""
+    """The executor called ``name``; raises ``bench.errors.UsageError`` on a bad combination."""
     if name == "local":
         return LocalExecutor()
     if name == "dask":
