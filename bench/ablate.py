@@ -42,47 +42,88 @@ DEFAULT_TASK = "smnist"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = Parser(prog="python -m bench.ablate", description=__doc__.split("\n\n")[0],
-               formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(
+        prog="python -m bench.ablate",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     positive = lambda name: number(name, int, minimum=0, strict=True)  # noqa: E731
     p.add_argument("--methods", nargs="+", type=choice("method", METHODS), help="default: all")
     p.add_argument("--task", nargs="+", type=choice("task", TASKS), help=f"default: {DEFAULT_TASK}")
-    p.add_argument("--profile", type=choice("profile", [*PROFILES, "auto"]), default=None,
-                   help="smoke, quick, paper, or auto (paper on CUDA, quick otherwise); default: paper")
-    p.add_argument("--penalty", nargs="+", type=number("penalty_param", float, minimum=0),
-                   help="penalty_param values (penalty methods only); default 0.5")
+    p.add_argument(
+        "--profile",
+        type=choice("profile", [*PROFILES, "auto"]),
+        default=None,
+        help="smoke, quick, paper, or auto (paper on CUDA, quick otherwise); default: paper",
+    )
+    p.add_argument(
+        "--penalty",
+        nargs="+",
+        type=number("penalty_param", float, minimum=0),
+        help="penalty_param values (penalty methods only); default 0.5",
+    )
     p.add_argument("--layers", nargs="+", type=positive("layers"), help="default: from the profile")
     p.add_argument("--hidden", nargs="+", type=positive("hidden size"), help="default: from the profile")
-    p.add_argument("--device", nargs="+", type=choice("device", ["cpu", "cuda", "auto"]), help="default: auto")
+    p.add_argument(
+        "--device", nargs="+", type=choice("device", ["cpu", "cuda", "auto"]), help="default: auto"
+    )
     p.add_argument("--seeds", nargs="+", type=number("seed", int), help="default: 0")
     p.add_argument("--epochs", nargs="+", type=positive("epochs"), help="default: from the profile")
     p.add_argument("--batch-size", nargs="+", type=positive("batch size"), help="default: from the profile")
-    p.add_argument("--lr", nargs="+", type=number("lr", float, minimum=0, strict=True),
-                   help="default: from the profile")
-    p.add_argument("--lr-constrained", nargs="+", type=number("lr-constrained", float, minimum=0, strict=True),
-                   help="learning rate of the constrained weights; default: same as --lr")
-    p.add_argument("--granularity", nargs="+", type=choice("granularity", ["stacked", "per_gate"]),
-                   help="default: stacked")
+    p.add_argument(
+        "--lr", nargs="+", type=number("lr", float, minimum=0, strict=True), help="default: from the profile"
+    )
+    p.add_argument(
+        "--lr-constrained",
+        nargs="+",
+        type=number("lr-constrained", float, minimum=0, strict=True),
+        help="learning rate of the constrained weights; default: same as --lr",
+    )
+    p.add_argument(
+        "--granularity",
+        nargs="+",
+        type=choice("granularity", ["stacked", "per_gate"]),
+        help="default: stacked",
+    )
     p.add_argument("--bidirectional", action=argparse.BooleanOptionalAction, default=None)
-    p.add_argument("--seq-len", nargs="+", type=positive("seq-len"),
-                   help=f"tasks {', '.join(_tasks_with('seq_len'))} only")
-    p.add_argument("--train-subset", type=positive("train-subset"),
-                   help="default: from the profile (copying/adding: batches per epoch)")
+    p.add_argument(
+        "--seq-len",
+        nargs="+",
+        type=positive("seq-len"),
+        help=f"tasks {', '.join(_tasks_with('seq_len'))} only",
+    )
+    p.add_argument(
+        "--train-subset",
+        type=positive("train-subset"),
+        help="default: from the profile (copying/adding: batches per epoch)",
+    )
     p.add_argument("--test-subset", type=positive("test-subset"), help="default: from the profile")
-    p.add_argument("--perf-iters", type=positive("perf-iters"),
-                   help="timed steps for the throughput columns; default: from the profile")
+    p.add_argument(
+        "--perf-iters",
+        type=positive("perf-iters"),
+        help="timed steps for the throughput columns; default: from the profile",
+    )
     p.add_argument("--data-dir", default=None, help="MNIST root (default: $BENCH_DATA_DIR or ./data)")
     p.add_argument("--out", default=None, help="output folder (default: results/<task>-<profile>)")
     p.add_argument("--force", action="store_true", help="rerun runs already recorded ok")
-    p.add_argument("--checkpoints", action="store_true", help="save a checkpoint after every epoch; resume from it")
+    p.add_argument(
+        "--checkpoints", action="store_true", help="save a checkpoint after every epoch; resume from it"
+    )
     p.add_argument("--no-plots", action="store_true", help="skip plots and summary.md")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--executor", type=choice("executor", ["local", "dask"]), default="local")
     p.add_argument("--scheduler", default=None, help="dask scheduler address (with --executor dask)")
-    p.add_argument("--workers", type=positive("workers"), default=None,
-                   help="start a dask LocalCluster of N workers (with --executor dask)")
-    p.add_argument("--list-methods", action="store_true",
-                   help="print every registered method (maths, reference, granularities) and exit")
+    p.add_argument(
+        "--workers",
+        type=positive("workers"),
+        default=None,
+        help="start a dask LocalCluster of N workers (with --executor dask)",
+    )
+    p.add_argument(
+        "--list-methods",
+        action="store_true",
+        help="print every registered method (maths, reference, granularities) and exit",
+    )
     return p
 
 
@@ -98,8 +139,11 @@ def list_methods() -> str:
         if m.uses_penalty:
             kind += ", uses penalty_param"
         missing = "" if m.available() else f"; needs {m.requires!r} (not installed)"
-        lines += [f"{m.name}  ({kind}; granularity {', '.join(m.granularities)}{missing})",
-                  f"    {m.math}", f"    {m.reference}"]
+        lines += [
+            f"{m.name}  ({kind}; granularity {', '.join(m.granularities)}{missing})",
+            f"    {m.math}",
+            f"    {m.reference}",
+        ]
     return "\n".join(lines)
 
 
@@ -123,8 +167,10 @@ def make_plan(args) -> tuple[list[RunConfig], list[str], str]:
         if METHODS[m].available():
             avail.append(m)
         else:
-            notices.append(f"method {m} skipped: package {METHODS[m].requires!r} is not installed "
-                           f"(pip install 'cdbench[ref]')")
+            notices.append(
+                f"method {m} skipped: package {METHODS[m].requires!r} is not installed "
+                f"(pip install 'cdbench[ref]')"
+            )
     devices = []
     for d in args.device or ["auto"]:
         if d == "auto":
@@ -136,8 +182,10 @@ def make_plan(args) -> tuple[list[RunConfig], list[str], str]:
             devices.append(d)
     tasks = args.task or [DEFAULT_TASK]
     if args.seq_len and any("seq_len" not in TASKS[t].options for t in tasks):
-        raise UsageError(f"--seq-len applies to tasks {', '.join(_tasks_with('seq_len'))} only; got --task "
-                         f"{' '.join(tasks)}")
+        raise UsageError(
+            f"--seq-len applies to tasks {', '.join(_tasks_with('seq_len'))} only; got --task "
+            f"{' '.join(tasks)}"
+        )
     plan = []
     for task in tasks:
         spec = TASKS[task]
@@ -153,9 +201,17 @@ def make_plan(args) -> tuple[list[RunConfig], list[str], str]:
 
         seq_lens = pick("seq_len", "seq_len") if "seq_len" in spec.options else [None]
         grid = itertools.product(
-            avail, pick("layers", "num_layers"), pick("hidden", "hidden_size"), devices, args.seeds or [0],
-            pick("epochs", "epochs"), pick("batch_size", "batch_size"), pick("lr", "lr"),
-            args.lr_constrained or [None], args.granularity or ["stacked"], seq_lens,
+            avail,
+            pick("layers", "num_layers"),
+            pick("hidden", "hidden_size"),
+            devices,
+            args.seeds or [0],
+            pick("epochs", "epochs"),
+            pick("batch_size", "batch_size"),
+            pick("lr", "lr"),
+            args.lr_constrained or [None],
+            args.granularity or ["stacked"],
+            seq_lens,
         )
         for m, layers, hidden, dev, seed, epochs, bs, lr, lrc, gran, seq_len in grid:
             meth = METHODS[m]
@@ -165,14 +221,28 @@ def make_plan(args) -> tuple[list[RunConfig], list[str], str]:
                     notices.append(note)
                 continue
             for pen in (args.penalty or [0.5]) if meth.uses_penalty else [None]:
-                plan.append(RunConfig(
-                    method=m, task=task, seed=seed, num_layers=layers, hidden_size=hidden,
-                    bidirectional=single("bidirectional", "bidirectional"), granularity=gran, penalty_param=pen,
-                    epochs=epochs, batch_size=bs, lr=lr, lr_constrained=lrc, device=dev, profile=profile,
-                    train_subset=single("train_subset", "train_subset"),
-                    test_subset=single("test_subset", "test_subset"), seq_len=seq_len,
-                    perf_iters=single("perf_iters", "perf_iters"),
-                ))
+                plan.append(
+                    RunConfig(
+                        method=m,
+                        task=task,
+                        seed=seed,
+                        num_layers=layers,
+                        hidden_size=hidden,
+                        bidirectional=single("bidirectional", "bidirectional"),
+                        granularity=gran,
+                        penalty_param=pen,
+                        epochs=epochs,
+                        batch_size=bs,
+                        lr=lr,
+                        lr_constrained=lrc,
+                        device=dev,
+                        profile=profile,
+                        train_subset=single("train_subset", "train_subset"),
+                        test_subset=single("test_subset", "test_subset"),
+                        seq_len=seq_len,
+                        perf_iters=single("perf_iters", "perf_iters"),
+                    )
+                )
     seen, unique = set(), []
     for cfg in plan:
         if cfg.run_id not in seen:
@@ -185,27 +255,43 @@ def _print_plan(plan, done, notices, out):
     for n in notices:
         print(f"note: {n}")
     todo = [c for c in plan if c.run_id not in done]
-    print(f"plan: {len(plan)} runs into {out} ({len(plan) - len(todo)} already ok, skipped; {len(todo)} to run)")
+    print(
+        f"plan: {len(plan)} runs into {out} ({len(plan) - len(todo)} already ok, skipped; {len(todo)} to run)"
+    )
     for c in plan:
         mark = "skip" if c.run_id in done else "run "
         pen = "" if c.penalty_param is None else f" penalty_param={c.penalty_param:g}"
-        print(f"  {mark} {c.run_id} {c.method:<16} {c.task} L={c.num_layers} H={c.hidden_size} "
-              f"{'bi' if c.bidirectional else 'uni'} {c.granularity}{pen} seed={c.seed} epochs={c.epochs} "
-              f"bs={c.batch_size} lr={c.lr:g} {c.device}")
+        print(
+            f"  {mark} {c.run_id} {c.method:<16} {c.task} L={c.num_layers} H={c.hidden_size} "
+            f"{'bi' if c.bidirectional else 'uni'} {c.granularity}{pen} seed={c.seed} epochs={c.epochs} "
+            f"bs={c.batch_size} lr={c.lr:g} {c.device}"
+        )
     return todo
 
 
-def _sweep(store: ResultStore, executor, plan, notices, profile, args, argv, data_dir, out) -> tuple[dict, int]:
+def _sweep(
+    store: ResultStore, executor, plan, notices, profile, args, argv, data_dir, out
+) -> tuple[dict, int]:
     """Run the planned runs not yet ``ok`` in ``store``; returns ({run_id: status}, runs skipped)."""
     done = store.prepare({c.run_id for c in plan}, force=args.force)
     todo = _print_plan(plan, done, notices, out)
     env = environment(sorted({c.device for c in plan}))
     commit = git_commit()
-    write_meta(out, {
-        "command": "python -m bench.ablate " + shlex.join(argv), "argv": argv, "started": utc_now(),
-        "git_commit": commit, "profile": profile, "notices": notices, "executor": executor.describe(),
-        "data_dir": str(data_dir), "planned_runs": len(plan), **env,
-    })
+    write_meta(
+        out,
+        {
+            "command": "python -m bench.ablate " + shlex.join(argv),
+            "argv": argv,
+            "started": utc_now(),
+            "git_commit": commit,
+            "profile": profile,
+            "notices": notices,
+            "executor": executor.describe(),
+            "data_dir": str(data_dir),
+            "planned_runs": len(plan),
+            **env,
+        },
+    )
     provenance = {"torch_version": env["torch_version"], "git_commit": commit}
     results = {}
 
@@ -217,8 +303,13 @@ def _sweep(store: ResultStore, executor, plan, notices, profile, args, argv, dat
         msg = "" if row["status"] == "ok" else f" ({row.get('error')})"
         print(f"[{len(results)}/{len(todo)}] {cfg.run_id} {cfg.method} {row['status']}{msg}", flush=True)
 
-    executor.run(todo, on_result, data_dir=data_dir,
-                 checkpoint_dir=(out / "checkpoints") if args.checkpoints else None, progress=not args.no_progress)
+    executor.run(
+        todo,
+        on_result,
+        data_dir=data_dir,
+        checkpoint_dir=(out / "checkpoints") if args.checkpoints else None,
+        progress=not args.no_progress,
+    )
     return results, len(plan) - len(todo)
 
 
@@ -258,8 +349,10 @@ def main(argv=None) -> int:
     bad = {k: v for k, v in results.items() if v != "ok"}
     n_div = sum(v == "diverged" for v in bad.values())
     n_fail = sum(v == "failed" for v in bad.values())
-    print(f"done: {len(results) - len(bad)} ok, {n_div} diverged, {n_fail} failed "
-          f"({skipped} skipped as already ok); results in {out}")
+    print(
+        f"done: {len(results) - len(bad)} ok, {n_div} diverged, {n_fail} failed "
+        f"({skipped} skipped as already ok); results in {out}"
+    )
     return 0 if not bad else EXIT_NOT_ALL_OK
 
 

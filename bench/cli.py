@@ -36,10 +36,15 @@ def number(name: str, kind: type = int, *, minimum: float | None = None, strict:
     argparse.ArgumentTypeError: lr must be a finite number > 0; got 'nan'
     """
     if kind is int:
-        what = {(None, False): "an integer", (0, True): "a positive integer",
-                (0, False): "a non-negative integer"}.get((minimum, strict))
+        what = {
+            (None, False): "an integer",
+            (0, True): "a positive integer",
+            (0, False): "a non-negative integer",
+        }.get((minimum, strict))
     else:
-        what = "a finite number" if minimum is None else f"a finite number {'>' if strict else '>='} {minimum:g}"
+        what = (
+            "a finite number" if minimum is None else f"a finite number {'>' if strict else '>='} {minimum:g}"
+        )
     if what is None:
         what = f"an integer {'>' if strict else '>='} {minimum:g}"
 

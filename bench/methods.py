@@ -139,8 +139,16 @@ def plain_projected(rnn: nn.Module, recurrent: dict[str, Tensor], granularity: s
     exactly onto the manifold (polar factor, :func:`cdcore.dissolving.project`), every
     other weight copied from ``getattr(rnn, name)``.  Same device and dtype."""
     ref = next(rnn.parameters())
-    plain = nn.LSTM(rnn.input_size, rnn.hidden_size, rnn.num_layers, bias=rnn.bias, batch_first=rnn.batch_first,
-                    bidirectional=rnn.bidirectional, device=ref.device, dtype=ref.dtype)
+    plain = nn.LSTM(
+        rnn.input_size,
+        rnn.hidden_size,
+        rnn.num_layers,
+        bias=rnn.bias,
+        batch_first=rnn.batch_first,
+        bidirectional=rnn.bidirectional,
+        device=ref.device,
+        dtype=ref.dtype,
+    )
     with torch.no_grad():
         for n in plain._flat_weights_names:
             src = project(recurrent[n].detach(), granularity) if n in recurrent else getattr(rnn, n)
@@ -209,8 +217,14 @@ def build_cd(lstm: nn.LSTM, cfg) -> Built:
         eff, pen = _cd_effective(rnn)
         torch.autograd.grad([pen, *eff], raws, [torch.ones_like(pen), *map(_upstream, eff)])
 
-    return Built(rnn=rnn, optimizer=lambda model: _adam(model, raws, cfg), weights=weights, project=rnn.to_lstm,
-                 penalty=lambda: cdcore.quad_penalty(rnn), constraint_work=work)
+    return Built(
+        rnn=rnn,
+        optimizer=lambda model: _adam(model, raws, cfg),
+        weights=weights,
+        project=rnn.to_lstm,
+        penalty=lambda: cdcore.quad_penalty(rnn),
+        constraint_work=work,
+    )
 
 
 def _geotorch(triv: str):
@@ -232,9 +246,14 @@ def _geotorch(triv: str):
             eff = [getattr(lstm, n) for n in names]
             torch.autograd.grad(eff, originals, list(map(_upstream, eff)))
 
-        return Built(rnn=lstm, optimizer=lambda model: _adam(model, originals, cfg), weights=weights,
-                     project=lambda: plain_projected(lstm, {n: getattr(lstm, n) for n in names}, cfg.granularity),
-                     constraint_work=work, context=parametrize.cached)
+        return Built(
+            rnn=lstm,
+            optimizer=lambda model: _adam(model, originals, cfg),
+            weights=weights,
+            project=lambda: plain_projected(lstm, {n: getattr(lstm, n) for n in names}, cfg.granularity),
+            constraint_work=work,
+            context=parametrize.cached,
+        )
 
     return build
 
@@ -249,20 +268,35 @@ def build_cayley(lstm: nn.LSTM, cfg) -> Built:
 
     def optimizer(model):
         return cdcore.optim.CayleyAdam(
-            [{"params": _split_params(model, hh)},
-             {"params": hh, "stiefel": True, "granularity": cfg.granularity, "lr": cfg.lr_constrained or cfg.lr}],
+            [
+                {"params": _split_params(model, hh)},
+                {
+                    "params": hh,
+                    "stiefel": True,
+                    "granularity": cfg.granularity,
+                    "lr": cfg.lr_constrained or cfg.lr,
+                },
+            ],
             lr=cfg.lr,
         )
 
     def work():
         X = to_blocks(torch.stack(hh), cfg.granularity).flatten(0, 1).detach()
-        G = _upstream(X) if hh[0].grad is None else to_blocks(
-            torch.stack([p.grad for p in hh]), cfg.granularity).flatten(0, 1)
+        G = (
+            _upstream(X)
+            if hh[0].grad is None
+            else to_blocks(torch.stack([p.grad for p in hh]), cfg.granularity).flatten(0, 1)
+        )
         stiefel.retr_cayley(X, stiefel.proju(X, -1e-3 * G))
 
-    return Built(rnn=lstm, optimizer=optimizer, weights=lambda: {n: (getattr(lstm, n),) * 2 for n in names},
-                 project=lambda: plain_projected(lstm, dict(zip(names, hh)), cfg.granularity),
-                 constraint_work=work, counters=lambda opt: {"reprojections": opt.reprojections()})
+    return Built(
+        rnn=lstm,
+        optimizer=optimizer,
+        weights=lambda: {n: (getattr(lstm, n),) * 2 for n in names},
+        project=lambda: plain_projected(lstm, dict(zip(names, hh)), cfg.granularity),
+        constraint_work=work,
+        counters=lambda opt: {"reprojections": opt.reprojections()},
+    )
 
 
 def build_cdopt(lstm: nn.LSTM, cfg) -> Built:
@@ -272,9 +306,15 @@ def build_cdopt(lstm: nn.LSTM, cfg) -> Built:
     ref = next(lstm.parameters())
     with torch.random.fork_rng(devices=[ref.device] if ref.is_cuda else []):
         rnn = cdnn.LSTM_cdopt(
-            lstm.input_size, lstm.hidden_size, lstm.num_layers, batch_first=lstm.batch_first,
-            bidirectional=lstm.bidirectional, manifold_class=stiefel_torch, penalty_param=cfg.penalty_param,
-            device=ref.device, dtype=ref.dtype,
+            lstm.input_size,
+            lstm.hidden_size,
+            lstm.num_layers,
+            batch_first=lstm.batch_first,
+            bidirectional=lstm.bidirectional,
+            manifold_class=stiefel_torch,
+            penalty_param=cfg.penalty_param,
+            device=ref.device,
+            dtype=ref.dtype,
         )
     names = hh_names(lstm)
     with torch.no_grad():
@@ -292,9 +332,14 @@ def build_cdopt(lstm: nn.LSTM, cfg) -> Built:
         pen = cfg.penalty_param * rnn.manifold.C_quad_penalty(X)
         torch.autograd.grad([pen, A], raws, [torch.ones_like(pen), _upstream(A)])
 
-    return Built(rnn=rnn, optimizer=lambda model: _adam(model, raws, cfg), weights=weights,
-                 project=lambda: plain_projected(rnn, {n: e for n, (_, e) in weights().items()}, cfg.granularity),
-                 penalty=lambda: cdnn.get_quad_penalty(rnn), constraint_work=work)
+    return Built(
+        rnn=rnn,
+        optimizer=lambda model: _adam(model, raws, cfg),
+        weights=weights,
+        project=lambda: plain_projected(rnn, {n: e for n, (_, e) in weights().items()}, cfg.granularity),
+        penalty=lambda: cdnn.get_quad_penalty(rnn),
+        constraint_work=work,
+    )
 
 
 #: feasibility bound of the exactly constrained methods: float32 rounding over training
@@ -306,22 +351,53 @@ DISSOLVED = 5e-2
 METHODS: dict[str, Method] = {
     m.name: m
     for m in [
-        Method("lstm", "W unconstrained; plain Adam", "Hochreiter & Schmidhuber 1997 (torch.nn.LSTM)", build_lstm,
-               constrained=False),
-        Method("cd", "forward uses A(W) = W(3/2 I - 1/2 W^T W); loss + penalty_param ||W^T W - I||_F^2; Adam",
-               "Xiao, Liu, Toh arXiv:2203.10319; Hu, Xiao, Liu, Toh arXiv:2205.10500 (cdcore.StiefelLSTM)",
-               build_cd, uses_penalty=True, tolerance=DISSOLVED),
-        Method("geotorch_expm", "W = B expm(S) (padded 4H x 4H skew S): trivialisation; Adam on S",
-               "Lezcano-Casado & Martinez-Rubio, ICML 2019; Lezcano-Casado, NeurIPS 2019 (geotorch.orthogonal)",
-               _geotorch("expm"), granularities=("stacked",), tolerance=EXACT),
-        Method("geotorch_cayley", "W = B cayley(S) (padded 4H x 4H skew S): trivialisation; Adam on S",
-               "Lezcano-Casado, NeurIPS 2019 (geotorch.orthogonal, triv='cayley')",
-               _geotorch("cayley"), granularities=("stacked",), tolerance=EXACT),
-        Method("cayley", "W <- R_W(-lr m/sqrt(v)): Riemannian Adam, tangent momentum, Cayley retraction",
-               "Li, Fuxin, Todorovic, ICLR 2020; Wen & Yin 2013 (cdcore.optim.CayleyAdam)", build_cayley,
-               tolerance=EXACT),
-        Method("cdopt", "as cd, through the reference package (LSTM_cdopt, stiefel_torch)",
-               "CDOpt 0.5.5 (Xiao, Hu, Liu, Toh)", build_cdopt, uses_penalty=True,
-               granularities=("stacked",), requires="cdopt", tolerance=DISSOLVED),
+        Method(
+            "lstm",
+            "W unconstrained; plain Adam",
+            "Hochreiter & Schmidhuber 1997 (torch.nn.LSTM)",
+            build_lstm,
+            constrained=False,
+        ),
+        Method(
+            "cd",
+            "forward uses A(W) = W(3/2 I - 1/2 W^T W); loss + penalty_param ||W^T W - I||_F^2; Adam",
+            "Xiao, Liu, Toh arXiv:2203.10319; Hu, Xiao, Liu, Toh arXiv:2205.10500 (cdcore.StiefelLSTM)",
+            build_cd,
+            uses_penalty=True,
+            tolerance=DISSOLVED,
+        ),
+        Method(
+            "geotorch_expm",
+            "W = B expm(S) (padded 4H x 4H skew S): trivialisation; Adam on S",
+            "Lezcano-Casado & Martinez-Rubio, ICML 2019; Lezcano-Casado, NeurIPS 2019 (geotorch.orthogonal)",
+            _geotorch("expm"),
+            granularities=("stacked",),
+            tolerance=EXACT,
+        ),
+        Method(
+            "geotorch_cayley",
+            "W = B cayley(S) (padded 4H x 4H skew S): trivialisation; Adam on S",
+            "Lezcano-Casado, NeurIPS 2019 (geotorch.orthogonal, triv='cayley')",
+            _geotorch("cayley"),
+            granularities=("stacked",),
+            tolerance=EXACT,
+        ),
+        Method(
+            "cayley",
+            "W <- R_W(-lr m/sqrt(v)): Riemannian Adam, tangent momentum, Cayley retraction",
+            "Li, Fuxin, Todorovic, ICLR 2020; Wen & Yin 2013 (cdcore.optim.CayleyAdam)",
+            build_cayley,
+            tolerance=EXACT,
+        ),
+        Method(
+            "cdopt",
+            "as cd, through the reference package (LSTM_cdopt, stiefel_torch)",
+            "CDOpt 0.5.5 (Xiao, Hu, Liu, Toh)",
+            build_cdopt,
+            uses_penalty=True,
+            granularities=("stacked",),
+            requires="cdopt",
+            tolerance=DISSOLVED,
+        ),
     ]
 }

@@ -19,7 +19,15 @@ import torch
 
 from .measure import cpu_count
 
-__all__ = ["cpu_name", "device_name", "environment", "environment_lines", "git_commit", "utc_now", "write_meta"]
+__all__ = [
+    "cpu_name",
+    "device_name",
+    "environment",
+    "environment_lines",
+    "git_commit",
+    "utc_now",
+    "write_meta",
+]
 
 _REPO = Path(__file__).resolve().parent.parent
 
@@ -28,11 +36,18 @@ def git_commit() -> str:
     """HEAD of the source checkout this package runs from, with ``-dirty`` when tracked
     files differ from it; ``"unknown"`` outside a git checkout."""
     try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=_REPO, capture_output=True, text=True, timeout=10)
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=_REPO, capture_output=True, text=True, timeout=10
+        )
         if head.returncode != 0:
             return "unknown"
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=_REPO,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=_REPO,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
         return head.stdout.strip() + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -82,8 +97,13 @@ def environment(devices) -> dict:
 def environment_lines(devices) -> list[str]:
     """The same facts as text lines (``bench.perf``'s ``command.txt``), with the date."""
     env = environment(devices)
-    lines = [f"torch: {env['torch_version']}", f"python: {env['python']}", f"cpu: {cpu_name()}",
-             f"cpu count: {env['cpu_count']}", f"torch threads: {env['torch_threads']}"]
+    lines = [
+        f"torch: {env['torch_version']}",
+        f"python: {env['python']}",
+        f"cpu: {cpu_name()}",
+        f"cpu count: {env['cpu_count']}",
+        f"torch threads: {env['torch_threads']}",
+    ]
     for d, name in env["device_names"].items():
         if torch.device(d).type == "cuda":
             lines.append(f"cuda device: {name} (CUDA {env['cuda_version']})")
@@ -101,8 +121,11 @@ def write_meta(out: Path, meta: dict) -> None:
             previous = json.loads(path.read_text()).get("invocations", [])
         except (OSError, ValueError, AttributeError):
             previous = []
-    meta = {**meta, "invocations": previous + [{"command": meta["command"], "started": meta["started"],
-                                                 "git_commit": meta["git_commit"]}]}
+    meta = {
+        **meta,
+        "invocations": previous
+        + [{"command": meta["command"], "started": meta["started"], "git_commit": meta["git_commit"]}],
+    }
     tmp = path.with_name(f"meta.json.tmp{os.getpid()}")
     tmp.write_text(json.dumps(meta, indent=2, default=str))
     os.replace(tmp, path)

@@ -36,9 +36,26 @@ from .errors import Diverged
 from .methods import METHODS, Built, Method
 from .tasks import TASKS, Task, load_task
 
-__all__ = ["HISTORY_COLUMNS", "MEASURED_COLUMNS", "PROVENANCE_COLUMNS", "RUN_COLUMNS", "Checkpoint", "RunConfig",
-           "SeqModel", "Steps", "Training", "build", "derive_seed", "evaluate", "final_metrics", "make_steps",
-           "measure_throughput", "run_one", "start_training", "train_epoch"]
+__all__ = [
+    "HISTORY_COLUMNS",
+    "MEASURED_COLUMNS",
+    "PROVENANCE_COLUMNS",
+    "RUN_COLUMNS",
+    "Checkpoint",
+    "RunConfig",
+    "SeqModel",
+    "Steps",
+    "Training",
+    "build",
+    "derive_seed",
+    "evaluate",
+    "final_metrics",
+    "make_steps",
+    "measure_throughput",
+    "run_one",
+    "start_training",
+    "train_epoch",
+]
 
 #: feasibility ||W^T W - I||_F above which a constrained run counts as diverged
 FEASIBILITY_EXPLODED = 1e3
@@ -75,20 +92,60 @@ class RunConfig:
 
 #: what run_one measures and reports besides the configuration, in runs.csv order
 MEASURED_COLUMNS = [
-    "status", "error", "diverged_epoch", "metric", "baseline", "test_metric", "test_metric_projected", "test_acc",
-    "test_acc_projected", "train_loss", "feasibility_raw", "feasibility_eff", "recurrent_change", "reprojections",
-    "train_samples_per_s", "eval_samples_per_s", "train_step_ms", "constraint_share", "peak_mem_mb", "param_count",
-    "n_train", "n_test", "train_s", "wall_s", "resumed_from_epoch",
+    "status",
+    "error",
+    "diverged_epoch",
+    "metric",
+    "baseline",
+    "test_metric",
+    "test_metric_projected",
+    "test_acc",
+    "test_acc_projected",
+    "train_loss",
+    "feasibility_raw",
+    "feasibility_eff",
+    "recurrent_change",
+    "reprojections",
+    "train_samples_per_s",
+    "eval_samples_per_s",
+    "train_step_ms",
+    "constraint_share",
+    "peak_mem_mb",
+    "param_count",
+    "n_train",
+    "n_test",
+    "train_s",
+    "wall_s",
+    "resumed_from_epoch",
 ]
 #: where and with what the run ran (added by the executors and the sweep driver)
 PROVENANCE_COLUMNS = ["executor", "worker", "host", "device_name", "torch_version", "git_commit"]
 #: every column of runs.csv; the test confusion matrix (JSON) comes last, being the widest
-RUN_COLUMNS = ["run_id", *(f.name for f in fields(RunConfig)), *MEASURED_COLUMNS, *PROVENANCE_COLUMNS,
-               "confusion"]
+RUN_COLUMNS = [
+    "run_id",
+    *(f.name for f in fields(RunConfig)),
+    *MEASURED_COLUMNS,
+    *PROVENANCE_COLUMNS,
+    "confusion",
+]
 #: every column of history.csv (one row per run per epoch)
 HISTORY_COLUMNS = [
-    "run_id", "method", "task", "seed", "penalty_param", "epoch", "step", "train_loss", "train_metric", "metric",
-    "test_metric", "test_acc", "feasibility_raw", "feasibility_eff", "epoch_s", "train_wall_s",
+    "run_id",
+    "method",
+    "task",
+    "seed",
+    "penalty_param",
+    "epoch",
+    "step",
+    "train_loss",
+    "train_metric",
+    "metric",
+    "test_metric",
+    "test_acc",
+    "feasibility_raw",
+    "feasibility_eff",
+    "epoch_s",
+    "train_wall_s",
 ]
 
 
@@ -99,7 +156,9 @@ def derive_seed(*parts) -> int:
 
 def init_seed(cfg: RunConfig) -> int:
     """Seed of the initial weights: independent of the method, so all methods start alike."""
-    return derive_seed("init", cfg.seed, cfg.task, cfg.num_layers, cfg.hidden_size, cfg.bidirectional, cfg.seq_len)
+    return derive_seed(
+        "init", cfg.seed, cfg.task, cfg.num_layers, cfg.hidden_size, cfg.bidirectional, cfg.seq_len
+    )
 
 
 def data_seed(cfg: RunConfig, epoch: int) -> int:
@@ -111,7 +170,9 @@ class SeqModel(nn.Module):
     """The notebook's model: a recurrent module, then a Linear head on the last time step
     (or on every step for per-step tasks)."""
 
-    def __init__(self, rnn: nn.Module, head: nn.Linear, per_step: bool = False, context=contextlib.nullcontext):
+    def __init__(
+        self, rnn: nn.Module, head: nn.Linear, per_step: bool = False, context=contextlib.nullcontext
+    ):
         super().__init__()
         self.rnn, self.head, self.per_step = rnn, head, per_step
         self._context = context
@@ -128,8 +189,11 @@ _TASK_CACHE: dict[tuple, Task] = {}
 def task_options(cfg: RunConfig) -> dict:
     """The loader options of ``cfg.task`` taken from ``cfg`` (subsets, and the task's own)."""
     spec = TASKS[cfg.task]
-    return {"train_subset": cfg.train_subset, "test_subset": cfg.test_subset,
-            **{k: getattr(cfg, k) for k in spec.options}}
+    return {
+        "train_subset": cfg.train_subset,
+        "test_subset": cfg.test_subset,
+        **{k: getattr(cfg, k) for k in spec.options},
+    }
 
 
 def get_task(cfg: RunConfig, data_dir) -> Task:
@@ -145,8 +209,9 @@ def get_task(cfg: RunConfig, data_dir) -> Task:
 def build(cfg: RunConfig, task: Task) -> tuple[SeqModel, Built]:
     """The model of ``cfg.method``, from the method-independent initial weights of the seed."""
     torch.manual_seed(init_seed(cfg))
-    lstm = nn.LSTM(task.input_size, cfg.hidden_size, cfg.num_layers, batch_first=True,
-                   bidirectional=cfg.bidirectional)
+    lstm = nn.LSTM(
+        task.input_size, cfg.hidden_size, cfg.num_layers, batch_first=True, bidirectional=cfg.bidirectional
+    )
     head = nn.Linear(cfg.hidden_size * (2 if cfg.bidirectional else 1), task.output_size)
     device = torch.device(cfg.device)
     lstm, head = lstm.to(device), head.to(device)
@@ -173,8 +238,10 @@ def recurrent_change(start: dict[str, Tensor], built: Built) -> float:
     """Min over recurrent weights of ||E - E_0||_F / ||E_0||_F, E the effective weight now
     and E_0 at the start of the run: 0 when some recurrent weight never moved."""
     now = effective_weights(built)
-    return min(float(torch.linalg.norm((now[n] - w0).double()) / torch.linalg.norm(w0.double()))
-               for n, w0 in start.items())
+    return min(
+        float(torch.linalg.norm((now[n] - w0).double()) / torch.linalg.norm(w0.double()))
+        for n, w0 in start.items()
+    )
 
 
 def projected_model(model: SeqModel, built: Built) -> SeqModel:
@@ -298,8 +365,16 @@ class Training:
 def start_training(cfg: RunConfig, task: Task) -> Training:
     """A fresh model of ``cfg`` with its optimiser, before any step."""
     model, built = build(cfg, task)
-    return Training(cfg, task, METHODS[cfg.method], model, built, built.optimizer(model), torch.device(cfg.device),
-                    effective_weights(built))
+    return Training(
+        cfg,
+        task,
+        METHODS[cfg.method],
+        model,
+        built,
+        built.optimizer(model),
+        torch.device(cfg.device),
+        effective_weights(built),
+    )
 
 
 def train_epoch(tr: Training, progress=None) -> dict:
@@ -345,11 +420,22 @@ def train_epoch(tr: Training, progress=None) -> dict:
     test_metric = evaluate(model, task, device)
     feas_raw, feas_eff = feasibility(built, cfg.granularity)
     record = {
-        "run_id": cfg.run_id, "method": cfg.method, "task": cfg.task, "seed": cfg.seed,
-        "penalty_param": cfg.penalty_param, "epoch": epoch + 1, "step": tr.step, "train_loss": train_loss,
-        "train_metric": score_sum.item() / seen if task.metric == "acc" else train_loss, "metric": task.metric,
-        "test_metric": test_metric, "test_acc": test_metric if task.metric == "acc" else None,
-        "feasibility_raw": feas_raw, "feasibility_eff": feas_eff, "epoch_s": epoch_s, "train_wall_s": tr.elapsed,
+        "run_id": cfg.run_id,
+        "method": cfg.method,
+        "task": cfg.task,
+        "seed": cfg.seed,
+        "penalty_param": cfg.penalty_param,
+        "epoch": epoch + 1,
+        "step": tr.step,
+        "train_loss": train_loss,
+        "train_metric": score_sum.item() / seen if task.metric == "acc" else train_loss,
+        "metric": task.metric,
+        "test_metric": test_metric,
+        "test_acc": test_metric if task.metric == "acc" else None,
+        "feasibility_raw": feas_raw,
+        "feasibility_eff": feas_eff,
+        "epoch_s": epoch_s,
+        "train_wall_s": tr.elapsed,
     }
     tr.history.append(record)
     tr.epoch = epoch + 1
@@ -369,10 +455,14 @@ def final_metrics(tr: Training) -> dict:
     proj = evaluate(projected_model(tr.model, tr.built), task, device)
     acc = task.metric == "acc"
     row = {
-        "test_metric": test_metric, "test_metric_projected": proj,
-        "test_acc": test_metric if acc else None, "test_acc_projected": proj if acc else None,
-        "train_loss": last.get("train_loss"), "feasibility_raw": last.get("feasibility_raw"),
-        "feasibility_eff": last.get("feasibility_eff"), "train_s": tr.elapsed,
+        "test_metric": test_metric,
+        "test_metric_projected": proj,
+        "test_acc": test_metric if acc else None,
+        "test_acc_projected": proj if acc else None,
+        "train_loss": last.get("train_loss"),
+        "feasibility_raw": last.get("feasibility_raw"),
+        "feasibility_eff": last.get("feasibility_eff"),
+        "train_s": tr.elapsed,
         "recurrent_change": recurrent_change(tr.start_weights, tr.built),
         **tr.built.counters(tr.optimizer),
     }
@@ -409,8 +499,16 @@ class Checkpoint:
         """Save the state after ``tr.epoch`` epochs (atomically)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(f".tmp{os.getpid()}")
-        torch.save({"model": tr.model.state_dict(), "optimizer": tr.optimizer.state_dict(), "epoch": tr.epoch,
-                    "history": tr.history, "elapsed": tr.elapsed}, tmp)
+        torch.save(
+            {
+                "model": tr.model.state_dict(),
+                "optimizer": tr.optimizer.state_dict(),
+                "epoch": tr.epoch,
+                "history": tr.history,
+                "elapsed": tr.elapsed,
+            },
+            tmp,
+        )
         os.replace(tmp, self.path)
 
     def load(self, tr: Training) -> bool:
@@ -423,12 +521,20 @@ class Checkpoint:
                 raise ValueError(f"not a checkpoint of bench.runner (keys {', '.join(self.KEYS)})")
         except Exception as exc:  # noqa: BLE001 - any unreadable file is refused the same way
             reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
-            print(f"bench: checkpoint {self.path} refused, not loaded ({reason}); run {self.run_id} starts afresh",
-                  file=sys.stderr, flush=True)
+            print(
+                f"bench: checkpoint {self.path} refused, not loaded ({reason}); "
+                f"run {self.run_id} starts afresh",
+                file=sys.stderr,
+                flush=True,
+            )
             return False
         tr.model.load_state_dict(state["model"])
         tr.optimizer.load_state_dict(state["optimizer"])
-        tr.epoch, tr.history, tr.elapsed = int(state["epoch"]), list(state["history"]), float(state["elapsed"])
+        tr.epoch, tr.history, tr.elapsed = (
+            int(state["epoch"]),
+            list(state["history"]),
+            float(state["elapsed"]),
+        )
         tr.step = tr.epoch * tr.steps_per_epoch
         return True
 
@@ -458,8 +564,13 @@ def run_one(cfg: RunConfig, data_dir=None, checkpoint_dir=None, progress=None) -
     tr = None
     try:
         task = get_task(cfg, data_dir)
-        row.update(metric=task.metric, baseline=task.baseline, n_train=task.n_train, n_test=task.n_test,
-                   seq_len=task.seq_len)
+        row.update(
+            metric=task.metric,
+            baseline=task.baseline,
+            n_train=task.n_train,
+            n_test=task.n_test,
+            seq_len=task.seq_len,
+        )
         measure.reset_peak_memory(cfg.device)
         tr = start_training(cfg, task)
         row["param_count"] = sum(p.numel() for p in tr.model.parameters())
@@ -476,12 +587,18 @@ def run_one(cfg: RunConfig, data_dir=None, checkpoint_dir=None, progress=None) -
         if ckpt is not None:
             ckpt.remove()
     except Diverged as d:
-        row.update(status="diverged", diverged_epoch=d.epoch + 1,
-                   error=f"non-finite loss or exploded feasibility in epoch {d.epoch + 1}")
+        row.update(
+            status="diverged",
+            diverged_epoch=d.epoch + 1,
+            error=f"non-finite loss or exploded feasibility in epoch {d.epoch + 1}",
+        )
         if tr is not None and tr.history:
             last = tr.history[-1]
-            row.update(train_loss=last["train_loss"], feasibility_raw=last["feasibility_raw"],
-                       feasibility_eff=last["feasibility_eff"])
+            row.update(
+                train_loss=last["train_loss"],
+                feasibility_raw=last["feasibility_raw"],
+                feasibility_eff=last["feasibility_eff"],
+            )
     except Exception as exc:  # noqa: BLE001 - a failing run must not stop the sweep
         if isinstance(exc, torch.cuda.OutOfMemoryError):
             torch.cuda.empty_cache()

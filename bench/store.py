@@ -27,9 +27,13 @@ __all__ = ["HISTORY_COLUMNS", "RUN_COLUMNS", "FolderBusy", "ResultStore", "read_
 def _line(values: dict, columns: list[str]) -> bytes:
     unknown = [k for k in values if k not in columns]
     if unknown:  # a key without a column would be dropped silently: refuse it (a bug in the caller)
-        raise ValueError(f"no column for {', '.join(map(repr, unknown))}; add it to bench.runner's column lists")
+        raise ValueError(
+            f"no column for {', '.join(map(repr, unknown))}; add it to bench.runner's column lists"
+        )
     buf = io.StringIO()
-    csv.writer(buf, lineterminator="\n").writerow(["" if values.get(c) is None else values.get(c) for c in columns])
+    csv.writer(buf, lineterminator="\n").writerow(
+        ["" if values.get(c) is None else values.get(c) for c in columns]
+    )
     return buf.getvalue().encode()
 
 
@@ -96,8 +100,11 @@ class ResultStore:
             if r.get("status") == "ok":
                 done.add(rid)
         kept_ids = {r["run_id"] for r in kept}
-        history = [h for h in read_rows(self.history_path)
-                   if h.get("run_id") in kept_ids or h.get("run_id") not in planned_ids]
+        history = [
+            h
+            for h in read_rows(self.history_path)
+            if h.get("run_id") in kept_ids or h.get("run_id") not in planned_ids
+        ]
         _rewrite(self.runs_path, kept, RUN_COLUMNS)
         _rewrite(self.history_path, history, HISTORY_COLUMNS)
         return done

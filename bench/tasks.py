@@ -127,7 +127,7 @@ class Task:
             x, y = self.train
             order = torch.randperm(x.shape[0], generator=generator)
             for start in range(0, x.shape[0], batch_size):
-                idx = order[start:start + batch_size]
+                idx = order[start : start + batch_size]
                 yield x[idx], y[idx]
         else:
             for _ in range(self.batches_per_epoch):
@@ -137,7 +137,7 @@ class Task:
         """The whole test set, in order, in batches of ``batch_size``."""
         x, y = self.test
         for start in range(0, x.shape[0], batch_size):
-            yield x[start:start + batch_size], y[start:start + batch_size]
+            yield x[start : start + batch_size], y[start : start + batch_size]
 
     def loss(self, out: Tensor, y: Tensor) -> Tensor:
         """Mean loss of a batch: cross-entropy (acc, ce tasks) or mean squared error."""
@@ -254,7 +254,6 @@ def digits(train_subset=None, test_subset=None) -> Task:
     tr = _subset(x[idx_tr], y[idx_tr], train_subset)
     te = _subset(x[idx_te], y[idx_te], test_subset)
     return Task("digits", 8, 10, "acc", train=tr, test=te)
-
 
 
 # --------------------------------------------------------------------------------------
@@ -390,8 +389,13 @@ def _generated(name, batch, seq_len, train_subset, test_subset, **task_kw) -> Ta
     """A generated task: fresh training batches, a fixed test set from SYNTHETIC_TEST_SEED."""
     n_test = max(SYNTHETIC_TEST_SIZE, test_subset or 0)
     test = _subset(*batch(n_test, torch.Generator().manual_seed(SYNTHETIC_TEST_SEED), seq_len), test_subset)
-    return Task(name, test=test, generate=lambda n, g: batch(n, g, seq_len),
-                batches_per_epoch=train_subset or SYNTHETIC_BATCHES_PER_EPOCH, **task_kw)
+    return Task(
+        name,
+        test=test,
+        generate=lambda n, g: batch(n, g, seq_len),
+        batches_per_epoch=train_subset or SYNTHETIC_BATCHES_PER_EPOCH,
+        **task_kw,
+    )
 
 
 def copying(train_subset=None, test_subset=None, seq_len=None) -> Task:
@@ -401,9 +405,18 @@ def copying(train_subset=None, test_subset=None, seq_len=None) -> Task:
     cross-entropy, baseline :func:`memoryless_copying_baseline`.
     """
     T = seq_len or COPYING_T
-    return _generated("copying", copying_batch, T, train_subset, test_subset, input_size=COPY_DELIMITER + 1,
-                      output_size=COPY_CATEGORIES + 1, metric="ce", per_step=True,
-                      baseline=memoryless_copying_baseline(T, COPY_SYMBOLS, COPY_CATEGORIES))
+    return _generated(
+        "copying",
+        copying_batch,
+        T,
+        train_subset,
+        test_subset,
+        input_size=COPY_DELIMITER + 1,
+        output_size=COPY_CATEGORIES + 1,
+        metric="ce",
+        per_step=True,
+        baseline=memoryless_copying_baseline(T, COPY_SYMBOLS, COPY_CATEGORIES),
+    )
 
 
 def adding(train_subset=None, test_subset=None, seq_len=None) -> Task:
@@ -413,15 +426,22 @@ def adding(train_subset=None, test_subset=None, seq_len=None) -> Task:
     MSE, baseline ``ADDING_BASELINE`` = 1/6 (always answering 1).
     """
     T = seq_len or ADDING_T
-    return _generated("adding", adding_batch, T, train_subset, test_subset, input_size=2, output_size=1,
-                      metric="mse", baseline=ADDING_BASELINE)
+    return _generated(
+        "adding",
+        adding_batch,
+        T,
+        train_subset,
+        test_subset,
+        input_size=2,
+        output_size=1,
+        metric="mse",
+        baseline=ADDING_BASELINE,
+    )
 
 
 def memoryless_copying_baseline(seq_len: int, n_symbols: int = 10, n_categories: int = 8) -> float:
     """Cross-entropy of the memoryless strategy for the copying task (Arjovsky et al. 2016)."""
     return n_symbols * math.log(n_categories) / (seq_len + 2 * n_symbols)
-
-
 
 
 # --------------------------------------------------------------------------------------
@@ -430,8 +450,17 @@ def memoryless_copying_baseline(seq_len: int, n_symbols: int = 10, n_categories:
 #: The sweep profiles every task declares.
 PROFILES = ("smoke", "quick", "paper")
 #: The RunConfig fields every profile of every task sets (plus the task's own options).
-PROFILE_FIELDS = ("num_layers", "hidden_size", "bidirectional", "epochs", "batch_size", "lr", "train_subset",
-                  "test_subset", "perf_iters")
+PROFILE_FIELDS = (
+    "num_layers",
+    "hidden_size",
+    "bidirectional",
+    "epochs",
+    "batch_size",
+    "lr",
+    "train_subset",
+    "test_subset",
+    "perf_iters",
+)
 #: The options every loader takes; a task may declare more (``TaskSpec.options``).
 COMMON_OPTIONS = ("train_subset", "test_subset")
 
@@ -483,8 +512,17 @@ _NOTEBOOK = {"num_layers": 2, "hidden_size": 100, "bidirectional": True, "batch_
 #: The row-wise tasks (smnist, digits): ``quick`` and ``paper`` are the reference notebook's model.
 _ROW_PROFILES = {
     # learns in seconds on a CPU (what it reaches: docs/tasks.md)
-    "smoke": {"num_layers": 1, "hidden_size": 32, "bidirectional": False, "epochs": 2, "batch_size": 32,
-              "lr": 1e-2, "train_subset": 4096, "test_subset": 1000, "perf_iters": 2},
+    "smoke": {
+        "num_layers": 1,
+        "hidden_size": 32,
+        "bidirectional": False,
+        "epochs": 2,
+        "batch_size": 32,
+        "lr": 1e-2,
+        "train_subset": 4096,
+        "test_subset": 1000,
+        "perf_iters": 2,
+    },
     # the notebook's model on a quarter of the training set, 2 epochs, the full test set
     "quick": {**_NOTEBOOK, "epochs": 2, "train_subset": 15000, "test_subset": None, "perf_iters": 10},
     # the reference notebook: 10 epochs, all data
@@ -494,34 +532,121 @@ _DIGITS_PROFILES = {
     **_ROW_PROFILES,
     # every digit (1,437 train, 360 test), learns in seconds: the learning contract of
     # tests/test_contract.py trains every method with it
-    "smoke": {"num_layers": 1, "hidden_size": 32, "bidirectional": False, "epochs": 6, "batch_size": 32,
-              "lr": 2e-2, "train_subset": None, "test_subset": None, "perf_iters": 2},
+    "smoke": {
+        "num_layers": 1,
+        "hidden_size": 32,
+        "bidirectional": False,
+        "epochs": 6,
+        "batch_size": 32,
+        "lr": 2e-2,
+        "train_subset": None,
+        "test_subset": None,
+        "perf_iters": 2,
+    },
 }
 _UNI = {"num_layers": 1, "bidirectional": False}
 _PIXEL_PROFILES = {
-    "smoke": {**_UNI, "hidden_size": 16, "epochs": 1, "batch_size": 64, "lr": 1e-3, "train_subset": 256,
-              "test_subset": 256, "perf_iters": 2},
-    "quick": {**_UNI, "hidden_size": 32, "epochs": 3, "batch_size": 64, "lr": 1e-3, "train_subset": 2048,
-              "test_subset": 1000, "perf_iters": 5},
-    "paper": {**_UNI, "hidden_size": 170, "epochs": 70, "batch_size": 128, "lr": 7e-4, "train_subset": None,
-              "test_subset": None, "perf_iters": 20},
+    "smoke": {
+        **_UNI,
+        "hidden_size": 16,
+        "epochs": 1,
+        "batch_size": 64,
+        "lr": 1e-3,
+        "train_subset": 256,
+        "test_subset": 256,
+        "perf_iters": 2,
+    },
+    "quick": {
+        **_UNI,
+        "hidden_size": 32,
+        "epochs": 3,
+        "batch_size": 64,
+        "lr": 1e-3,
+        "train_subset": 2048,
+        "test_subset": 1000,
+        "perf_iters": 5,
+    },
+    "paper": {
+        **_UNI,
+        "hidden_size": 170,
+        "epochs": 70,
+        "batch_size": 128,
+        "lr": 7e-4,
+        "train_subset": None,
+        "test_subset": None,
+        "perf_iters": 20,
+    },
 }
 # copying and adding: train_subset is the number of training batches per epoch
 _COPYING_PROFILES = {
-    "smoke": {**_UNI, "hidden_size": 16, "epochs": 1, "batch_size": 32, "lr": 1e-3, "train_subset": 5,
-              "test_subset": 64, "seq_len": 20, "perf_iters": 2},
-    "quick": {**_UNI, "hidden_size": 64, "epochs": 20, "batch_size": 64, "lr": 1e-3, "train_subset": 100,
-              "test_subset": 1000, "seq_len": 100, "perf_iters": 5},
-    "paper": {**_UNI, "hidden_size": 190, "epochs": 40, "batch_size": 128, "lr": 1e-3, "train_subset": 100,
-              "test_subset": 1000, "seq_len": 1000, "perf_iters": 20},
+    "smoke": {
+        **_UNI,
+        "hidden_size": 16,
+        "epochs": 1,
+        "batch_size": 32,
+        "lr": 1e-3,
+        "train_subset": 5,
+        "test_subset": 64,
+        "seq_len": 20,
+        "perf_iters": 2,
+    },
+    "quick": {
+        **_UNI,
+        "hidden_size": 64,
+        "epochs": 20,
+        "batch_size": 64,
+        "lr": 1e-3,
+        "train_subset": 100,
+        "test_subset": 1000,
+        "seq_len": 100,
+        "perf_iters": 5,
+    },
+    "paper": {
+        **_UNI,
+        "hidden_size": 190,
+        "epochs": 40,
+        "batch_size": 128,
+        "lr": 1e-3,
+        "train_subset": 100,
+        "test_subset": 1000,
+        "seq_len": 1000,
+        "perf_iters": 20,
+    },
 }
 _ADDING_PROFILES = {
-    "smoke": {**_UNI, "hidden_size": 16, "epochs": 1, "batch_size": 32, "lr": 1e-3, "train_subset": 5,
-              "test_subset": 64, "seq_len": 30, "perf_iters": 2},
-    "quick": {**_UNI, "hidden_size": 64, "epochs": 40, "batch_size": 64, "lr": 3e-3, "train_subset": 100,
-              "test_subset": 1000, "seq_len": 100, "perf_iters": 5},
-    "paper": {**_UNI, "hidden_size": 128, "epochs": 100, "batch_size": 50, "lr": 1e-3, "train_subset": 100,
-              "test_subset": 1000, "seq_len": 750, "perf_iters": 20},
+    "smoke": {
+        **_UNI,
+        "hidden_size": 16,
+        "epochs": 1,
+        "batch_size": 32,
+        "lr": 1e-3,
+        "train_subset": 5,
+        "test_subset": 64,
+        "seq_len": 30,
+        "perf_iters": 2,
+    },
+    "quick": {
+        **_UNI,
+        "hidden_size": 64,
+        "epochs": 40,
+        "batch_size": 64,
+        "lr": 3e-3,
+        "train_subset": 100,
+        "test_subset": 1000,
+        "seq_len": 100,
+        "perf_iters": 5,
+    },
+    "paper": {
+        **_UNI,
+        "hidden_size": 128,
+        "epochs": 100,
+        "batch_size": 50,
+        "lr": 1e-3,
+        "train_subset": 100,
+        "test_subset": 1000,
+        "seq_len": 750,
+        "perf_iters": 20,
+    },
 }
 
 #: name -> TaskSpec, in the order the CLI lists them.
@@ -553,6 +678,21 @@ def load_task(name: str, data_dir=None, **options) -> Task:
     return TASKS[name].load(data_dir, **options)
 
 
-__all__ = ["ADDING_BASELINE", "COMMON_OPTIONS", "DataError", "PERMUTATION_SEED", "PROFILES", "PROFILE_FIELDS",
-           "TASKS", "Task", "TaskSpec", "adding_batch", "copying_batch", "default_data_dir", "load_mnist_tensors",
-           "load_task", "memoryless_copying_baseline", "pmnist_permutation"]
+__all__ = [
+    "ADDING_BASELINE",
+    "COMMON_OPTIONS",
+    "DataError",
+    "PERMUTATION_SEED",
+    "PROFILES",
+    "PROFILE_FIELDS",
+    "TASKS",
+    "Task",
+    "TaskSpec",
+    "adding_batch",
+    "copying_batch",
+    "default_data_dir",
+    "load_mnist_tensors",
+    "load_task",
+    "memoryless_copying_baseline",
+    "pmnist_permutation",
+]

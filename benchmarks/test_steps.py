@@ -24,9 +24,9 @@ import pytest
 import torch
 
 from bench import measure
+from bench.methods import METHODS
 from bench.perf import plan
 from bench.perf.run import timed_step
-from bench.methods import METHODS
 from bench.runner import make_steps
 
 
@@ -51,12 +51,20 @@ def _bench(benchmark, task_for, case):
             lstm_times.append(measure.time_fn(ref_step, warmup=0, iters=1, sync=sync).seconds_per_iter)
 
     benchmark.group = f"{case['kind']} {case['device']} H{case['hidden']} B{case['batch']}"
-    benchmark.extra_info.update({k: case[k] for k in ("method", "device", "hidden", "batch", "kind", "warmup")},
-                                samples=steps.batch_size, torch_threads=torch.get_num_threads())
-    benchmark.pedantic(timed_step(getattr(steps, case["kind"]), case["device"]), setup=setup,
-                       rounds=case["rounds"], warmup_rounds=case["warmup"], iterations=1)
+    benchmark.extra_info.update(
+        {k: case[k] for k in ("method", "device", "hidden", "batch", "kind", "warmup")},
+        samples=steps.batch_size,
+        torch_threads=torch.get_num_threads(),
+    )
+    benchmark.pedantic(
+        timed_step(getattr(steps, case["kind"]), case["device"]),
+        setup=setup,
+        rounds=case["rounds"],
+        warmup_rounds=case["warmup"],
+        iterations=1,
+    )
     if lstm_times:
-        benchmark.extra_info["lstm_round_s"] = lstm_times[-case["rounds"]:]  # setup also ran before warm-ups
+        benchmark.extra_info["lstm_round_s"] = lstm_times[-case["rounds"] :]  # setup also ran before warm-ups
 
 
 @pytest.mark.parametrize("case", plan.load_plan("train"), ids=plan.case_id)

@@ -14,8 +14,12 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def pytest_addoption(parser):
-    parser.addoption("--all", action="store_true", default=False,
-                     help="also run the tests marked slow (the full suite, as CI does)")
+    parser.addoption(
+        "--all",
+        action="store_true",
+        default=False,
+        help="also run the tests marked slow (the full suite, as CI does)",
+    )
 
 
 def pytest_collection_modifyitems(config, items):

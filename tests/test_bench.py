@@ -22,10 +22,34 @@ from bench.methods import METHODS
 from bench.runner import HISTORY_COLUMNS, RUN_COLUMNS, RunConfig, build, get_task, run_one
 
 ROOT = Path(__file__).resolve().parent.parent
-REQUIRED = ["run_id", "method", "task", "seed", "num_layers", "hidden_size", "bidirectional", "granularity",
-            "penalty_param", "epochs", "batch_size", "lr", "device", "status", "test_acc", "test_acc_projected",
-            "train_loss", "feasibility_raw", "feasibility_eff", "recurrent_change", "train_samples_per_s",
-            "eval_samples_per_s", "peak_mem_mb", "wall_s", "torch_version", "git_commit"]
+REQUIRED = [
+    "run_id",
+    "method",
+    "task",
+    "seed",
+    "num_layers",
+    "hidden_size",
+    "bidirectional",
+    "granularity",
+    "penalty_param",
+    "epochs",
+    "batch_size",
+    "lr",
+    "device",
+    "status",
+    "test_acc",
+    "test_acc_projected",
+    "train_loss",
+    "feasibility_raw",
+    "feasibility_eff",
+    "recurrent_change",
+    "train_samples_per_s",
+    "eval_samples_per_s",
+    "peak_mem_mb",
+    "wall_s",
+    "torch_version",
+    "git_commit",
+]
 DIGITS = ["--task", "digits", "--profile", "smoke", "--no-progress", "--no-plots"]
 #: a few seconds per sweep: one epoch on a slice of digits, a tiny model
 TINY = [*DIGITS, "--epochs", "1", "--train-subset", "256", "--hidden", "8"]
@@ -33,8 +57,14 @@ TINY = [*DIGITS, "--epochs", "1", "--train-subset", "256", "--hidden", "8"]
 
 def cli(*args, check=None, **kw):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    p = subprocess.run([sys.executable, "-m", "bench.ablate", *map(str, args)], cwd=ROOT, capture_output=True,
-                       text=True, env=env, **kw)
+    p = subprocess.run(
+        [sys.executable, "-m", "bench.ablate", *map(str, args)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=env,
+        **kw,
+    )
     if check is not None:
         assert p.returncode == check, p.stdout[-3000:] + p.stderr[-3000:]
     return p
@@ -48,8 +78,20 @@ def sweep(*args) -> int:
 @pytest.mark.slow  # reason: 10 runs on real MNIST with plots (~30 s on a 2-core CPU)
 def test_smoke_sweep_on_real_mnist_end_to_end(mnist_dir, tmp_path):
     out = tmp_path / "sweep"
-    p = cli("--penalty", "0.1", "0.5", "1.0", "--profile", "smoke", "--data-dir", mnist_dir, "--out", out,
-            "--no-progress", check=0)
+    p = cli(
+        "--penalty",
+        "0.1",
+        "0.5",
+        "1.0",
+        "--profile",
+        "smoke",
+        "--data-dir",
+        mnist_dir,
+        "--out",
+        out,
+        "--no-progress",
+        check=0,
+    )
     assert "plan: 10 runs" in p.stdout
     runs = pd.read_csv(out / "runs.csv")
     assert set(REQUIRED) <= set(runs.columns)
@@ -121,7 +163,10 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(args, message, tmp_path
 def test_bad_input_exit_status_of_the_real_process(tmp_path):
     """The process itself exits with 2 and one line on stderr (no usage block, no traceback)."""
     p = cli(*DIGITS, "--hidden", "-3", "--out", tmp_path / "o", check=2)
-    assert p.stderr == "bench.ablate: error: argument --hidden: hidden size must be a positive integer; got '-3'\n"
+    assert (
+        p.stderr
+        == "bench.ablate: error: argument --hidden: hidden size must be a positive integer; got '-3'\n"
+    )
     assert not (tmp_path / "o").exists()
 
 
@@ -155,8 +200,19 @@ def test_missing_mnist_names_data_dir_and_digits(tmp_path, capsys, monkeypatch):
         raise OSError("no network")
 
     monkeypatch.setattr(torchvision.datasets.MNIST, "download", no_network)
-    code = ablate.main(["--profile", "smoke", "--methods", "lstm", "--data-dir", str(tmp_path / "empty"),
-                        "--out", str(tmp_path / "o"), "--no-progress"])
+    code = ablate.main(
+        [
+            "--profile",
+            "smoke",
+            "--methods",
+            "lstm",
+            "--data-dir",
+            str(tmp_path / "empty"),
+            "--out",
+            str(tmp_path / "o"),
+            "--no-progress",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "--data-dir" in err and "'digits'" in err and err.count("\n") == 1
 
@@ -199,10 +255,27 @@ sys.exit(main(sys.argv[2:]))
 
 def test_sigkill_mid_sweep_then_resume_gives_exactly_the_planned_ok_rows(tmp_path):
     out = tmp_path / "o"
-    args = [*TINY, "--methods", "lstm", "cd", "cayley", "--penalty", "0.1", "0.5", "1.0", "--seeds", "0", "1",
-            "--epochs", "3", "--out", str(out)]
-    proc = subprocess.run([sys.executable, "-c", KILL_MID_RUN, "3", *args], cwd=ROOT, capture_output=True,
-                          text=True)
+    args = [
+        *TINY,
+        "--methods",
+        "lstm",
+        "cd",
+        "cayley",
+        "--penalty",
+        "0.1",
+        "0.5",
+        "1.0",
+        "--seeds",
+        "0",
+        "1",
+        "--epochs",
+        "3",
+        "--out",
+        str(out),
+    ]
+    proc = subprocess.run(
+        [sys.executable, "-c", KILL_MID_RUN, "3", *args], cwd=ROOT, capture_output=True, text=True
+    )
     assert proc.returncode == -9, proc.stderr[-3000:]  # killed mid-run, in the middle of the sweep
     partial = pd.read_csv(out / "runs.csv")  # parseable after SIGKILL
     assert len(partial) == 2 and len(pd.read_csv(out / "history.csv")) == 2 * 3
@@ -226,7 +299,9 @@ def test_torn_last_line_is_repaired(tmp_path):
 
 def test_divergence_is_recorded_and_the_sweep_goes_on(tmp_path, capsys):
     out = tmp_path / "o"
-    assert sweep(*TINY, "--methods", "cd", "lstm", "--penalty", "0.5", "--lr", "5e-3", "1e12", "--out", out) == 3
+    assert (
+        sweep(*TINY, "--methods", "cd", "lstm", "--penalty", "0.5", "--lr", "5e-3", "1e12", "--out", out) == 3
+    )
     runs = pd.read_csv(out / "runs.csv").set_index(["method", "lr"])
     assert runs.loc[("cd", 1e12), "status"] == "diverged"
     assert runs.loc[("cd", 1e12), "diverged_epoch"] == 1
@@ -285,7 +360,9 @@ def test_two_concurrent_sweeps_one_folder(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(ex, "run_one", held_run_one)
     result = {}
-    a = threading.Thread(target=lambda: result.setdefault("a", sweep(*TINY, "--methods", "lstm", "--out", out)))
+    a = threading.Thread(
+        target=lambda: result.setdefault("a", sweep(*TINY, "--methods", "lstm", "--out", out))
+    )
     a.start()
     try:
         assert inside.wait(120), "sweep A never started its run"
@@ -300,8 +377,18 @@ def test_two_concurrent_sweeps_one_folder(tmp_path, monkeypatch, capsys):
 
 
 def _cfg(**kw):
-    base = dict(method="cd", task="digits", num_layers=2, hidden_size=8, bidirectional=True, epochs=2,
-                batch_size=64, lr=5e-3, penalty_param=0.5, perf_iters=1)
+    base = dict(
+        method="cd",
+        task="digits",
+        num_layers=2,
+        hidden_size=8,
+        bidirectional=True,
+        epochs=2,
+        batch_size=64,
+        lr=5e-3,
+        penalty_param=0.5,
+        perf_iters=1,
+    )
     return RunConfig(**{**base, **kw})
 
 
@@ -393,8 +480,11 @@ def test_project_returns_an_exactly_feasible_plain_lstm_and_leaves_the_model(met
     from cdcore import weight_feasibility
 
     for granularity in METHODS[method].granularities:
-        cfg = _cfg(method=method, granularity=granularity,
-                   penalty_param=0.5 if METHODS[method].uses_penalty else None)
+        cfg = _cfg(
+            method=method,
+            granularity=granularity,
+            penalty_param=0.5 if METHODS[method].uses_penalty else None,
+        )
         model, built = build(cfg, get_task(cfg, None))
         with torch.no_grad():  # move the weights off the manifold, as training does for cd
             for r, _ in built.weights().values():

@@ -35,9 +35,14 @@ CASES = [(m, g) for m, spec in METHODS.items() for g in spec.granularities]
 
 
 def smoke_config(method: str, granularity: str = "stacked") -> RunConfig:
-    return RunConfig(method=method, task="digits", granularity=granularity, profile="smoke",
-                     penalty_param=0.5 if METHODS[method].uses_penalty else None,
-                     **TASKS["digits"].profiles["smoke"])
+    return RunConfig(
+        method=method,
+        task="digits",
+        granularity=granularity,
+        profile="smoke",
+        penalty_param=0.5 if METHODS[method].uses_penalty else None,
+        **TASKS["digits"].profiles["smoke"],
+    )
 
 
 def check_contract(method: Method, row: dict, history: list[dict]) -> None:
@@ -46,15 +51,22 @@ def check_contract(method: Method, row: dict, history: list[dict]) -> None:
     name = f"{method.name} ({row['granularity']})"
     assert row["test_acc"] >= MIN_ACC, f"{name}: test accuracy {row['test_acc']:.3f} < {MIN_ACC}"
     first, last = history[0]["train_loss"], history[-1]["train_loss"]
-    assert last < first and last < math.log(10), f"{name}: training loss did not fall ({first:.3f} -> {last:.3f})"
+    assert last < first and last < math.log(10), (
+        f"{name}: training loss did not fall ({first:.3f} -> {last:.3f})"
+    )
     assert row["recurrent_change"] >= MIN_RECURRENT_CHANGE, (
         f"{name}: the recurrent weights did not move (relative change {row['recurrent_change']:.2e} < "
-        f"{MIN_RECURRENT_CHANGE})")
+        f"{MIN_RECURRENT_CHANGE})"
+    )
     if method.constrained:
         drop = row["test_acc"] - row["test_acc_projected"]
-        assert abs(drop) <= MAX_PROJECTION_DROP, f"{name}: accuracy moves by {drop:.3f} after exact projection"
+        assert abs(drop) <= MAX_PROJECTION_DROP, (
+            f"{name}: accuracy moves by {drop:.3f} after exact projection"
+        )
         assert row["feasibility_eff"] <= method.tolerance, (
-            f"{name}: feasibility {row['feasibility_eff']:.2e} above the method's tolerance {method.tolerance:.0e}")
+            f"{name}: feasibility {row['feasibility_eff']:.2e} above the method's tolerance "
+            f"{method.tolerance:.0e}"
+        )
 
 
 @pytest.fixture(scope="module", autouse=True)

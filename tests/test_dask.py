@@ -36,8 +36,14 @@ def _start(args, log: Path, **env) -> subprocess.Popen:
     """``python -m bench.ablate ARGS`` in the background, stdout and stderr to ``log``."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **env}
     with open(log, "w") as f:
-        return subprocess.Popen([sys.executable, "-m", "bench.ablate", *map(str, args)], cwd=ROOT, env=env,
-                                stdout=f, stderr=subprocess.STDOUT, text=True)
+        return subprocess.Popen(
+            [sys.executable, "-m", "bench.ablate", *map(str, args)],
+            cwd=ROOT,
+            env=env,
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
 
 
 def _finish(p: subprocess.Popen, log: Path, timeout=240) -> int:
@@ -56,8 +62,9 @@ def _runs(out: Path) -> pd.DataFrame:
 @pytest.mark.slow  # reason: a 2-worker LocalCluster and 6 runs on real MNIST (~30 s)
 def test_dask_sweep_on_local_cluster_matches_local_executor(tmp_path, mnist_dir):
     grid = [*SMOKE, "--methods", "lstm", "cd", "--penalty", "0.5", "1.0", "--data-dir", mnist_dir]
-    dask = _start([*grid, "--executor", "dask", "--workers", "2", "--out", tmp_path / "dask"],
-                  tmp_path / "dask.log")
+    dask = _start(
+        [*grid, "--executor", "dask", "--workers", "2", "--out", tmp_path / "dask"], tmp_path / "dask.log"
+    )
     # meanwhile the local sweep here, with one torch thread like the Dask workers (their
     # OMP_NUM_THREADS=1 and torch.set_num_threads(1) in the task): with two threads the
     # sums run in another order and feasibility differs by ~1e-8
@@ -77,8 +84,12 @@ def test_dask_sweep_on_local_cluster_matches_local_executor(tmp_path, mnist_dir)
     assert b["worker"].str.startswith("tcp://127.0.0.1:").all()
     assert (b["host"] == socket.gethostname()).all()
     hist_cols = ["run_id", "epoch", "train_loss", "test_metric", "feasibility_raw", "feasibility_eff"]
-    ha, hb = (pd.read_csv(tmp_path / d / "history.csv")[hist_cols].sort_values(["run_id", "epoch"])
-              .reset_index(drop=True) for d in ("local", "dask"))
+    ha, hb = (
+        pd.read_csv(tmp_path / d / "history.csv")[hist_cols]
+        .sort_values(["run_id", "epoch"])
+        .reset_index(drop=True)
+        for d in ("local", "dask")
+    )
     pd.testing.assert_frame_equal(ha, hb, check_exact=False, rtol=0, atol=1e-9)
     meta = json.loads((tmp_path / "dask" / "meta.json").read_text())["executor"]
     assert meta["executor"] == "dask" and meta["workers"] == 2 and meta["local_cluster"] is True
@@ -90,8 +101,10 @@ def cluster():
     """A client of a separate 2-worker LocalCluster (what `dask scheduler` + `dask worker` give)."""
     from dask.distributed import Client, LocalCluster
 
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as lc, \
-            Client(lc, set_as_default=False) as client:
+    with (
+        LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as lc,
+        Client(lc, set_as_default=False) as client,
+    ):
         yield client
 
 
@@ -118,8 +131,26 @@ def _kill_a_busy_worker(client, done: threading.Event, killed: list) -> None:
 def _sweep_killing_a_worker(client, scheduler: str, out: Path) -> tuple[int, pd.DataFrame, str]:
     """A 4-run sweep (in this process) on ``scheduler`` while a thread kills a busy worker."""
     client.wait_for_workers(2, timeout=120)
-    args = ["--task", "digits", *SMOKE, "--methods", "lstm", "cd", "cayley", "--penalty", "0.5", "1.0",
-            "--epochs", "2", "--executor", "dask", "--scheduler", scheduler, "--out", str(out)]
+    args = [
+        "--task",
+        "digits",
+        *SMOKE,
+        "--methods",
+        "lstm",
+        "cd",
+        "cayley",
+        "--penalty",
+        "0.5",
+        "1.0",
+        "--epochs",
+        "2",
+        "--executor",
+        "dask",
+        "--scheduler",
+        scheduler,
+        "--out",
+        str(out),
+    ]
     planned = {c.run_id for c in ablate.make_plan(ablate.build_parser().parse_args(args))[0]}
     done, killed = threading.Event(), []
     killer = threading.Thread(target=_kill_a_busy_worker, args=(client, done, killed), daemon=True)
@@ -172,8 +203,20 @@ def test_killed_worker_costs_at_most_its_runs(cluster, tmp_path):
 @pytest.mark.slow  # reason: a fresh interpreter importing torch and dask, then the connect timeout (~15 s)
 def test_wrong_scheduler_address_fails_fast_with_exit_2(tmp_path):
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "bench.ablate", "--task", "digits", *SMOKE, "--executor", "dask",
-           "--scheduler", BAD_ADDRESS, "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.ablate",
+        "--task",
+        "digits",
+        *SMOKE,
+        "--executor",
+        "dask",
+        "--scheduler",
+        BAD_ADDRESS,
+        "--out",
+        str(out),
+    ]
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert p.returncode == ablate.EXIT_BAD_INPUT, p.stderr
     lines = p.stderr.strip().splitlines()

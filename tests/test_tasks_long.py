@@ -32,9 +32,9 @@ def test_copying_batch_layout():
     tok = x.argmax(-1)
     symbols = tok[:, :10]
     assert ((symbols >= 1) & (symbols <= 8)).all()
-    assert (tok[:, 10:T + 9] == 0).all() and (tok[:, T + 9] == 9).all() and (tok[:, T + 10:] == 0).all()
-    assert (y[:, :T + 10] == 0).all()
-    assert torch.equal(y[:, T + 10:], symbols)  # the target really is the input symbols
+    assert (tok[:, 10 : T + 9] == 0).all() and (tok[:, T + 9] == 9).all() and (tok[:, T + 10 :] == 0).all()
+    assert (y[:, : T + 10] == 0).all()
+    assert torch.equal(y[:, T + 10 :], symbols)  # the target really is the input symbols
     assert int(y.max()) <= 8
 
 
@@ -57,7 +57,7 @@ def test_adding_batch():
     assert y.shape == (n,) and y.dtype == torch.float32
     v, m = x[..., 0], x[..., 1]
     assert ((v >= 0) & (v <= 1)).all()
-    assert (m[:, :T // 2].sum(1) == 1).all() and (m[:, T // 2:].sum(1) == 1).all()
+    assert (m[:, : T // 2].sum(1) == 1).all() and (m[:, T // 2 :].sum(1) == 1).all()
     assert torch.allclose((v * m).sum(1), y)
 
 
@@ -124,12 +124,22 @@ def test_profiles_complete():
     assert tasks.TASKS["copying"].profiles["paper"]["hidden_size"] == 190
     assert tasks.TASKS["adding"].profiles["paper"]["seq_len"] == 750
     assert tasks.TASKS["smnist"].profiles["paper"] == dict(
-        num_layers=2, hidden_size=100, bidirectional=True, epochs=10, batch_size=64, lr=5e-4, train_subset=None,
-        test_subset=None, perf_iters=50)  # the reference notebook
+        num_layers=2,
+        hidden_size=100,
+        bidirectional=True,
+        epochs=10,
+        batch_size=64,
+        lr=5e-4,
+        train_subset=None,
+        test_subset=None,
+        perf_iters=50,
+    )  # the reference notebook
 
 
-@pytest.mark.parametrize("task,option", [("digits", "seq_len"), ("smnist", "seq_len"), ("copying", "seqlen"),
-                                         ("adding", "train_subsets")])
+@pytest.mark.parametrize(
+    "task,option",
+    [("digits", "seq_len"), ("smnist", "seq_len"), ("copying", "seqlen"), ("adding", "train_subsets")],
+)
 def test_unknown_task_option_raises_naming_it_and_the_allowed(task, option):
     with pytest.raises(ValueError, match=f"task '{task}' takes no option '{option}'; allowed: train_subset"):
         tasks.load_task(task, **{option: 10})

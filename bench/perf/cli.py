@@ -45,28 +45,62 @@ def parse_args(argv=None):
     """The parsed flags; raises :class:`bench.errors.UsageError` (one line) on bad input."""
     p = Parser(prog=PROG, description=__doc__.split("\n\n")[0])
     positive = lambda name: number(name, int, minimum=0, strict=True)  # noqa: E731
-    p.add_argument("--methods", nargs="+", type=choice("method", METHODS), default=None,
-                   help="methods (default: every available one)")
-    p.add_argument("--hidden", nargs="+", type=positive("hidden"), default=None,
-                   help=f"hidden sizes (default {plan.HIDDEN})")
-    p.add_argument("--batch", nargs="+", type=positive("batch"), default=None,
-                   help=f"batch sizes (default {plan.BATCH})")
-    p.add_argument("--device", nargs="+", type=choice("device", ["cpu", "cuda"]), default=None,
-                   help="devices (default: cpu, and cuda when available)")
-    p.add_argument("--quick", action="store_true",
-                   help=f"hidden {plan.QUICK_HIDDEN}, batch {plan.QUICK_BATCH} (--hidden/--batch still win)")
-    p.add_argument("--rounds", type=positive("rounds"), default=None,
-                   help="timed rounds (default 5 CPU, 30 CUDA; 40 with --paired)")
-    p.add_argument("--warmup", type=number("warmup", int, minimum=0), default=None,
-                   help="warm-up rounds (default 3 CPU, 10 CUDA; 3 with --paired)")
-    p.add_argument("--max-seconds", type=number("max-seconds", float, minimum=0), default=plan.DEFAULT_MAX_SECONDS,
-                   help="per-benchmark budget: slower benchmarks get 1 warm-up round and fewer timed "
-                        "rounds (0: no budget)")
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        type=choice("method", METHODS),
+        default=None,
+        help="methods (default: every available one)",
+    )
+    p.add_argument(
+        "--hidden",
+        nargs="+",
+        type=positive("hidden"),
+        default=None,
+        help=f"hidden sizes (default {plan.HIDDEN})",
+    )
+    p.add_argument(
+        "--batch", nargs="+", type=positive("batch"), default=None, help=f"batch sizes (default {plan.BATCH})"
+    )
+    p.add_argument(
+        "--device",
+        nargs="+",
+        type=choice("device", ["cpu", "cuda"]),
+        default=None,
+        help="devices (default: cpu, and cuda when available)",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"hidden {plan.QUICK_HIDDEN}, batch {plan.QUICK_BATCH} (--hidden/--batch still win)",
+    )
+    p.add_argument(
+        "--rounds",
+        type=positive("rounds"),
+        default=None,
+        help="timed rounds (default 5 CPU, 30 CUDA; 40 with --paired)",
+    )
+    p.add_argument(
+        "--warmup",
+        type=number("warmup", int, minimum=0),
+        default=None,
+        help="warm-up rounds (default 3 CPU, 10 CUDA; 3 with --paired)",
+    )
+    p.add_argument(
+        "--max-seconds",
+        type=number("max-seconds", float, minimum=0),
+        default=plan.DEFAULT_MAX_SECONDS,
+        help="per-benchmark budget: slower benchmarks get 1 warm-up round and fewer timed "
+        "rounds (0: no budget)",
+    )
     p.add_argument("--out", default="results/perf", help="output folder (default results/perf)")
     p.add_argument("--dry-run", action="store_true", help="print the plan and estimate, run nothing")
-    p.add_argument("--paired", action="store_true",
-                   help=f"interleaved, paired timing of the methods against {plan.REFERENCE} (ratios robust to "
-                        "drifts of the machine's speed) instead of pytest-benchmark; default 40 rounds")
+    p.add_argument(
+        "--paired",
+        action="store_true",
+        help=f"interleaved, paired timing of the methods against {plan.REFERENCE} (ratios robust to "
+        "drifts of the machine's speed) instead of pytest-benchmark; default 40 rounds",
+    )
     args = p.parse_args(argv)
     if args.device and "cuda" in args.device and not torch.cuda.is_available():
         raise UsageError("--device cuda: torch.cuda.is_available() is False")
@@ -88,12 +122,16 @@ def _fmt_s(s: float) -> str:
 
 def print_plan(cases: list[dict]) -> None:
     total = sum(c["est_s"] for c in cases)
-    print(f"bench.perf: {len(cases)} benchmarks; estimate {_fmt_s(total)} (builds and rounds, from one measured "
-          f"warm-up step of each configuration)")
+    print(
+        f"bench.perf: {len(cases)} benchmarks; estimate {_fmt_s(total)} (builds and rounds, from one "
+        f"measured warm-up step of each configuration)"
+    )
     cut = [c for c in cases if c["cut"]]
     for c in sorted(cases, key=lambda c: -c["est_s"])[:8]:
-        print(f"  {c['kind']:5s} {plan.case_id(c):34s} ~{c['est_step_s']:.3f} s/round x "
-              f"({c['warmup']} warm-up + {c['rounds']} rounds)")
+        print(
+            f"  {c['kind']:5s} {plan.case_id(c):34s} ~{c['est_step_s']:.3f} s/round x "
+            f"({c['warmup']} warm-up + {c['rounds']} rounds)"
+        )
     if cut:
         print(f"  {len(cut)} slow benchmark(s) run with fewer rounds (per-benchmark budget --max-seconds)")
     sys.stdout.flush()
@@ -112,25 +150,42 @@ def run_paired(args, argv, methods, hidden, batch, devices, rounds: int, warmup:
             for b in batch:
                 for kind in plan.KINDS:
                     times = time_methods(methods, h, b, device, rounds=rounds, warmup=warmup, kind=kind)
-                    new = [{"method": r["method"], "device": device, "hidden": h, "batch": b,
-                            "kind": kind, "rounds": r["rounds"], "median_ms": r["median_ms"],
-                            f"vs_{ref}": r["ratio"], f"vs_{ref}_q1": r["q1"], f"vs_{ref}_q3": r["q3"],
-                            f"vs_{ref}_of_medians": r["of_medians"]}
-                           for r in paired.relative_rows(times, ref)]
+                    new = [
+                        {
+                            "method": r["method"],
+                            "device": device,
+                            "hidden": h,
+                            "batch": b,
+                            "kind": kind,
+                            "rounds": r["rounds"],
+                            "median_ms": r["median_ms"],
+                            f"vs_{ref}": r["ratio"],
+                            f"vs_{ref}_q1": r["q1"],
+                            f"vs_{ref}_q3": r["q3"],
+                            f"vs_{ref}_of_medians": r["of_medians"],
+                        }
+                        for r in paired.relative_rows(times, ref)
+                    ]
                     rows += new
                     pairs += paired.pairwise_rows(times, device=device, hidden=h, batch=b, kind=kind)
-                    print(f"bench.perf --paired: {device} H{h} B{b} {kind}: " + ", ".join(
-                        f"{r['method']} {r[f'vs_{ref}']:.3f}" for r in new), flush=True)
+                    print(
+                        f"bench.perf --paired: {device} H{h} B{b} {kind}: "
+                        + ", ".join(f"{r['method']} {r[f'vs_{ref}']:.3f}" for r in new),
+                        flush=True,
+                    )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     df, dp = pd.DataFrame(rows), pd.DataFrame(pairs)
     df.to_csv(out / "paired.csv", index=False)
     dp.to_csv(out / "pairs.csv", index=False)
     (out / "paired.md").write_text(
-        f"Throughput relative to {ref} (> 1 is faster): median over rounds of t_{ref} / t_method, its quartiles,\n"
-        f"and median t_{ref} / median t_method.\n\n" + df.to_markdown(index=False, floatfmt=".3f")
+        f"Throughput relative to {ref} (> 1 is faster): median over rounds of t_{ref} / t_method, its\n"
+        f"quartiles, and median t_{ref} / median t_method.\n\n"
+        + df.to_markdown(index=False, floatfmt=".3f")
         + "\n\nEvery pair: throughput of method relative to baseline, the same statistics.\n\n"
-        + dp.to_markdown(index=False, floatfmt=".3f") + "\n")
+        + dp.to_markdown(index=False, floatfmt=".3f")
+        + "\n"
+    )
     lines = [shlex.join(["python", "-m", "bench.perf", *argv]), *environment_lines(devices)]
     (out / "paired_command.txt").write_text("\n".join(lines) + "\n")
     print(f"bench.perf: wrote {out}/paired.csv, pairs.csv, paired.md, paired_command.txt")
@@ -158,16 +213,27 @@ def main(argv=None) -> int:
         if plan.REFERENCE not in methods:
             methods = [plan.REFERENCE, *methods]
         rounds, warmup = args.rounds or 40, 3 if args.warmup is None else args.warmup
-        cases = plan.make_plan(methods, hidden, batch, devices, warmup=warmup, rounds=rounds, max_seconds=None)
+        cases = plan.make_plan(
+            methods, hidden, batch, devices, warmup=warmup, rounds=rounds, max_seconds=None
+        )
         est = sum(c["est_s"] for c in cases if c["method"] != plan.REFERENCE)
-        print(f"bench.perf --paired: {', '.join(methods)} x hidden {' '.join(map(str, hidden))} x batch "
-              f"{' '.join(map(str, batch))} x {', '.join(devices)} x train, eval; {warmup} warm-up + {rounds} "
-              f"rounds each; estimate {_fmt_s(est)} (from one measured warm-up step of each configuration)")
+        print(
+            f"bench.perf --paired: {', '.join(methods)} x hidden {' '.join(map(str, hidden))} x batch "
+            f"{' '.join(map(str, batch))} x {', '.join(devices)} x train, eval; {warmup} warm-up + {rounds} "
+            f"rounds each; estimate {_fmt_s(est)} (from one measured warm-up step of each configuration)"
+        )
         if args.dry_run:
             return 0
         return run_paired(args, argv, methods, hidden, batch, devices, rounds, warmup)
-    cases = plan.make_plan(methods, hidden, batch, devices, warmup=args.warmup, rounds=args.rounds,
-                           max_seconds=args.max_seconds or None)
+    cases = plan.make_plan(
+        methods,
+        hidden,
+        batch,
+        devices,
+        warmup=args.warmup,
+        rounds=args.rounds,
+        max_seconds=args.max_seconds or None,
+    )
     if not cases:
         print("bench.perf: nothing to run", file=sys.stderr)
         return 2
@@ -188,12 +254,14 @@ def main(argv=None) -> int:
     report.write_tables(df, out)
     report.plot_relative(df, out / "relative_throughput.png")
     report.plot_scaling(df, out / "scaling.png")
-    lines = [shlex.join(["python", "-m", "bench.perf", *argv]),
-             "pytest " + shlex.join(pytest_args) + f"  ({plan.PLAN_ENV}={os.environ[plan.PLAN_ENV]})",
-             *environment_lines(devices),
-             f"estimated: {_fmt_s(sum(c['est_s'] for c in cases))} (one measured warm-up step per configuration); "
-             f"pytest wall time: {_fmt_s(wall)}",
-             f"pytest exit code: {code}"]
+    lines = [
+        shlex.join(["python", "-m", "bench.perf", *argv]),
+        "pytest " + shlex.join(pytest_args) + f"  ({plan.PLAN_ENV}={os.environ[plan.PLAN_ENV]})",
+        *environment_lines(devices),
+        f"estimated: {_fmt_s(sum(c['est_s'] for c in cases))} (one measured warm-up step per configuration); "
+        f"pytest wall time: {_fmt_s(wall)}",
+        f"pytest exit code: {code}",
+    ]
     (out / "command.txt").write_text("\n".join(lines) + "\n")
     print(f"bench.perf: wrote {out}/table.csv, table.md, relative_throughput.png, scaling.png, command.txt")
     return code

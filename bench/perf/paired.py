@@ -24,9 +24,15 @@ from .. import measure
 __all__ = ["interleaved_times", "pairwise_rows", "ratio_stats", "relative_rows"]
 
 
-def interleaved_times(fns: Mapping[str, Callable[[], object]], *, rounds: int, warmup: int = 3,
-                      sync: Callable[[], None] = lambda: None, seed: int = 0,
-                      clock: Callable[[], float] = time.perf_counter) -> dict[str, list[float]]:
+def interleaved_times(
+    fns: Mapping[str, Callable[[], object]],
+    *,
+    rounds: int,
+    warmup: int = 3,
+    sync: Callable[[], None] = lambda: None,
+    seed: int = 0,
+    clock: Callable[[], float] = time.perf_counter,
+) -> dict[str, list[float]]:
     """Seconds of each call of each function, round by round.
 
     Parameters
@@ -78,8 +84,12 @@ def ratio_stats(base: list[float], other: list[float]) -> dict:
     """
     r = sorted(a / b for a, b in zip(base, other))
     q1, _, q3 = statistics.quantiles(r, n=4) if len(r) > 1 else (r[0], r[0], r[0])
-    return dict(ratio=statistics.median(r), q1=q1, q3=q3,
-                of_medians=statistics.median(base) / statistics.median(other))
+    return dict(
+        ratio=statistics.median(r),
+        q1=q1,
+        q3=q3,
+        of_medians=statistics.median(base) / statistics.median(other),
+    )
 
 
 def relative_rows(times: dict[str, list[float]], baseline: str, **key) -> list[dict]:
@@ -99,6 +109,15 @@ def pairwise_rows(times: dict[str, list[float]], **key) -> list[dict]:
         for b in times:
             if m != b:
                 st = ratio_stats(times[b], times[m])
-                rows.append(dict(**key, method=m, baseline=b, ratio=st["ratio"], q1=st["q1"], q3=st["q3"],
-                                 of_medians=st["of_medians"]))
+                rows.append(
+                    dict(
+                        **key,
+                        method=m,
+                        baseline=b,
+                        ratio=st["ratio"],
+                        q1=st["q1"],
+                        q3=st["q3"],
+                        of_medians=st["of_medians"],
+                    )
+                )
     return rows

@@ -27,8 +27,22 @@ from ..methods import METHODS
 from ..runner import RunConfig, make_steps
 from ..tasks import Task
 
-__all__ = ["BATCH", "HIDDEN", "KINDS", "PLAN_ENV", "REFERENCE", "available_methods", "case_id", "default_devices",
-           "load_plan", "make_plan", "measure_cost", "rounds_for", "run_config", "shape28_task"]
+__all__ = [
+    "BATCH",
+    "HIDDEN",
+    "KINDS",
+    "PLAN_ENV",
+    "REFERENCE",
+    "available_methods",
+    "case_id",
+    "default_devices",
+    "load_plan",
+    "make_plan",
+    "measure_cost",
+    "rounds_for",
+    "run_config",
+    "shape28_task",
+]
 
 HIDDEN = (64, 128, 256, 512)
 BATCH = (64, 256)
@@ -66,14 +80,23 @@ def shape28_task(n: int) -> Task:
     g = torch.Generator().manual_seed(0)
     train = (torch.rand(n, SEQ_LEN, INPUT_SIZE, generator=g), torch.randint(CLASSES, (n,), generator=g))
     test = (torch.rand(8, SEQ_LEN, INPUT_SIZE, generator=g), torch.randint(CLASSES, (8,), generator=g))
-    return Task(name="shape28", input_size=INPUT_SIZE, output_size=CLASSES, metric="acc", train=train, test=test)
+    return Task(
+        name="shape28", input_size=INPUT_SIZE, output_size=CLASSES, metric="acc", train=train, test=test
+    )
 
 
 def run_config(method: str, hidden: int, batch: int, device: str) -> RunConfig:
     """The :class:`~bench.runner.RunConfig` of one benchmark (the notebook's model)."""
-    return RunConfig(method=method, task="shape28", num_layers=NUM_LAYERS, hidden_size=hidden,
-                     bidirectional=BIDIRECTIONAL, batch_size=batch, device=device,
-                     penalty_param=PENALTY if METHODS[method].uses_penalty else None)
+    return RunConfig(
+        method=method,
+        task="shape28",
+        num_layers=NUM_LAYERS,
+        hidden_size=hidden,
+        bidirectional=BIDIRECTIONAL,
+        batch_size=batch,
+        device=device,
+        penalty_param=PENALTY if METHODS[method].uses_penalty else None,
+    )
 
 
 def measure_cost(method: str, hidden: int, batch: int, device: str) -> dict[str, float]:
@@ -107,8 +130,17 @@ def rounds_for(est_s: float, warmup: int, rounds: int, max_seconds: float | None
     return min(warmup, 1), max(1, min(rounds, int(max_seconds // est_s) - 1))
 
 
-def make_plan(methods, hidden, batch, devices, *, warmup=None, rounds=None, max_seconds=DEFAULT_MAX_SECONDS,
-              cost: Callable[[str, int, int, str], dict] | None = measure_cost) -> list[dict]:
+def make_plan(
+    methods,
+    hidden,
+    batch,
+    devices,
+    *,
+    warmup=None,
+    rounds=None,
+    max_seconds=DEFAULT_MAX_SECONDS,
+    cost: Callable[[str, int, int, str], dict] | None = measure_cost,
+) -> list[dict]:
     """Every benchmark of the grid, with its rounds and estimated seconds.
 
     Parameters
@@ -150,9 +182,20 @@ def make_plan(methods, hidden, batch, devices, *, warmup=None, rounds=None, max_
                             est = sum(costs[x][kind] for x in paired)  # REFERENCE step (paired_vs_lstm)
                             w, r = rounds_for(est, w0, r0, max_seconds)
                             est_s = sum(costs[x]["build"] for x in paired) + (w + r) * est
-                        plan.append({"method": m, "device": device, "hidden": h, "batch": b, "kind": kind,
-                                     "warmup": w, "rounds": r, "cut": (w, r) != (w0, r0), "est_step_s": est,
-                                     "est_s": est_s})
+                        plan.append(
+                            {
+                                "method": m,
+                                "device": device,
+                                "hidden": h,
+                                "batch": b,
+                                "kind": kind,
+                                "warmup": w,
+                                "rounds": r,
+                                "cut": (w, r) != (w0, r0),
+                                "est_step_s": est,
+                                "est_s": est_s,
+                            }
+                        )
     return plan
 
 

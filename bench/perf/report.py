@@ -41,15 +41,39 @@ def load_results(json_path):
             continue
         median = bm["stats"]["median"]
         lstm_s, method_s = info.get("lstm_round_s"), bm["stats"].get("data")
-        paired = (1.0 if info["method"] == REFERENCE else
-                  ratio_stats(lstm_s, method_s)["ratio"] if lstm_s and method_s and len(lstm_s) == len(method_s)
-                  else math.nan)
-        rows.append({"method": info["method"], "device": info["device"], "hidden": int(info["hidden"]),
-                     "batch": int(info["batch"]), "kind": info["kind"], "warmup": int(info["warmup"]),
-                     "rounds": int(bm["stats"]["rounds"]), "median_ms": 1e3 * median,
-                     "samples_per_s": info["samples"] / median, "paired_vs_lstm": paired})
-    cols = ["method", "device", "hidden", "batch", "kind", "warmup", "rounds", "median_ms", "samples_per_s",
-            "paired_vs_lstm"]
+        paired = (
+            1.0
+            if info["method"] == REFERENCE
+            else ratio_stats(lstm_s, method_s)["ratio"]
+            if lstm_s and method_s and len(lstm_s) == len(method_s)
+            else math.nan
+        )
+        rows.append(
+            {
+                "method": info["method"],
+                "device": info["device"],
+                "hidden": int(info["hidden"]),
+                "batch": int(info["batch"]),
+                "kind": info["kind"],
+                "warmup": int(info["warmup"]),
+                "rounds": int(bm["stats"]["rounds"]),
+                "median_ms": 1e3 * median,
+                "samples_per_s": info["samples"] / median,
+                "paired_vs_lstm": paired,
+            }
+        )
+    cols = [
+        "method",
+        "device",
+        "hidden",
+        "batch",
+        "kind",
+        "warmup",
+        "rounds",
+        "median_ms",
+        "samples_per_s",
+        "paired_vs_lstm",
+    ]
     df = pd.DataFrame(rows, columns=cols)
     key = ["device", "hidden", "batch", "kind"]
     ref = df[df["method"] == REFERENCE].set_index(key)["median_ms"].rename("_lstm_ms")
@@ -58,8 +82,10 @@ def load_results(json_path):
     df = df[[c for c in df.columns if c != "paired_vs_lstm"] + ["paired_vs_lstm"]]
     order = {m: i for i, m in enumerate(METHODS)}
     df = df.drop(columns="_lstm_ms").sort_values(
-        ["device", "kind", "hidden", "batch", "method"], key=lambda s: s.map(order) if s.name == "method" else s,
-        ascending=[True, False, True, True, True])
+        ["device", "kind", "hidden", "batch", "method"],
+        key=lambda s: s.map(order) if s.name == "method" else s,
+        ascending=[True, False, True, True, True],
+    )
     return df.reset_index(drop=True)
 
 
@@ -67,9 +93,12 @@ def write_tables(df, out: Path) -> None:
     """``table.csv`` (full precision) and ``table.md`` (rounded) in ``out``."""
     df.to_csv(out / "table.csv", index=False)
     ratio = lambda v: "-" if math.isnan(v) else f"{v:.2f}"  # noqa: E731
-    md = df.assign(median_ms=df["median_ms"].map("{:.2f}".format),
-                   samples_per_s=df["samples_per_s"].map("{:.0f}".format),
-                   ratio_to_lstm=df["ratio_to_lstm"].map(ratio), paired_vs_lstm=df["paired_vs_lstm"].map(ratio))
+    md = df.assign(
+        median_ms=df["median_ms"].map("{:.2f}".format),
+        samples_per_s=df["samples_per_s"].map("{:.0f}".format),
+        ratio_to_lstm=df["ratio_to_lstm"].map(ratio),
+        paired_vs_lstm=df["paired_vs_lstm"].map(ratio),
+    )
     (out / "table.md").write_text(md.to_markdown(index=False) + "\n")
 
 
@@ -98,10 +127,16 @@ def plot_relative(df, path: Path) -> None:
     import numpy as np
 
     plt = _pyplot()
-    panels = sorted({(d, k) for d, k in zip(df["device"], df["kind"])}, key=lambda p: (p[0], KINDS.index(p[1])))
+    panels = sorted(
+        {(d, k) for d, k in zip(df["device"], df["kind"])}, key=lambda p: (p[0], KINDS.index(p[1]))
+    )
     methods = [m for m in _methods_in(df) if m != REFERENCE]  # the reference is the line at 1
-    fig, axes = plt.subplots(len(panels), 1, figsize=(max(6, 1.2 * df[["hidden", "batch"]].drop_duplicates().shape[0]
-                                                             + 3), 3.2 * len(panels)), squeeze=False)
+    fig, axes = plt.subplots(
+        len(panels),
+        1,
+        figsize=(max(6, 1.2 * df[["hidden", "batch"]].drop_duplicates().shape[0] + 3), 3.2 * len(panels)),
+        squeeze=False,
+    )
     for ax, (device, kind) in zip(axes[:, 0], panels):
         sub = df[(df["device"] == device) & (df["kind"] == kind)]
         combos = sorted({(h, b) for h, b in zip(sub["hidden"], sub["batch"])})
@@ -121,8 +156,9 @@ def plot_relative(df, path: Path) -> None:
         ax.set_title(f"{kind} step, {device}", fontsize=10)
     handles, labels = axes[0, 0].get_legend_handles_labels()
     fig.legend(handles, labels, fontsize=8, ncol=len(labels), loc="upper center", frameon=False)
-    fig.suptitle("median over rounds of t_lstm / t_method, each round paired with an lstm step",
-                 fontsize=9, y=0.955)
+    fig.suptitle(
+        "median over rounds of t_lstm / t_method, each round paired with an lstm step", fontsize=9, y=0.955
+    )
     fig.tight_layout(rect=(0, 0, 1, 0.93))
     fig.savefig(path, dpi=120)
     plt.close(fig)

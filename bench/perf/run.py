@@ -43,8 +43,17 @@ def timed_step(fn, device: str):
     return step
 
 
-def time_methods(methods, hidden: int, batch: int, device: str, rounds: int = 40, warmup: int = 3,
-                 kind: str = "train", seed: int = 0, clock=time.perf_counter) -> dict[str, list[float]]:
+def time_methods(
+    methods,
+    hidden: int,
+    batch: int,
+    device: str,
+    rounds: int = 40,
+    warmup: int = 3,
+    kind: str = "train",
+    seed: int = 0,
+    clock=time.perf_counter,
+) -> dict[str, list[float]]:
     """Interleaved step times: ``{method: [seconds per round]}``, round i of every method paired.
 
     Every method's model is built first (:func:`bench.runner.make_steps`, one fixed batch
@@ -54,8 +63,9 @@ def time_methods(methods, hidden: int, batch: int, device: str, rounds: int = 40
     """
     task = shape28_task(max(batch, 64))
     fns = {m: getattr(make_steps(run_config(m, hidden, batch, device), task), kind) for m in methods}
-    return paired.interleaved_times(fns, rounds=rounds, warmup=warmup, sync=measure.synchronizer(device), seed=seed,
-                                    clock=clock)
+    return paired.interleaved_times(
+        fns, rounds=rounds, warmup=warmup, sync=measure.synchronizer(device), seed=seed, clock=clock
+    )
 
 
 def run_benchmarks(plan: list[dict], out: Path, json_path: Path) -> tuple[int, float, list[str]]:
@@ -75,9 +85,18 @@ def run_benchmarks(plan: list[dict], out: Path, json_path: Path) -> tuple[int, f
     json_path.unlink(missing_ok=True)
     (out / "plan.json").write_text(json.dumps(plan, indent=1))
     os.environ[PLAN_ENV] = str((out / "plan.json").resolve())
-    pytest_args = [str(BENCH_DIR), "-o", "addopts=", "-p", "no:cacheprovider", "-ra", "--benchmark-enable",
-                   f"--benchmark-json={json_path}", "--benchmark-columns=median,iqr,min,max,rounds",
-                   "--benchmark-sort=fullname"]
+    pytest_args = [
+        str(BENCH_DIR),
+        "-o",
+        "addopts=",
+        "-p",
+        "no:cacheprovider",
+        "-ra",
+        "--benchmark-enable",
+        f"--benchmark-json={json_path}",
+        "--benchmark-columns=median,iqr,min,max,rounds",
+        "--benchmark-sort=fullname",
+    ]
     t0 = time.perf_counter()
     code = int(pytest.main(pytest_args))
     return code, time.perf_counter() - t0, pytest_args
