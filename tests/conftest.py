@@ -1,6 +1,7 @@
 """Shared fixtures, and the two tiers of the suite.
 
-``pytest`` (``nox -s tests``) runs the fast tier: every test not marked ``slow``.
+``pytest`` (``nox -s tests``) runs the fast tier: every test not marked ``slow``
+(``@pytest.mark.slow(reason="...")``: the reason says what makes it slow).
 ``pytest --all`` (``nox -s tests -- --all``, what ``.ci/run`` runs) runs everything;
 ``-m`` given explicitly (e.g. ``-m slow``) overrides the default selection.
 """

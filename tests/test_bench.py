@@ -75,7 +75,7 @@ def sweep(*args) -> int:
     return ablate.main([str(a) for a in args])
 
 
-@pytest.mark.slow  # reason: 10 runs on real MNIST with plots (~30 s on a 2-core CPU)
+@pytest.mark.slow(reason="10 runs of the smnist smoke profile with plots: 1-2 min on a 2-core CPU")
 def test_smoke_sweep_on_real_mnist_end_to_end(mnist_dir, tmp_path):
     out = tmp_path / "sweep"
     p = cli(

@@ -59,7 +59,7 @@ def _runs(out: Path) -> pd.DataFrame:
     return pd.read_csv(out / "runs.csv").set_index("run_id").sort_index()
 
 
-@pytest.mark.slow  # reason: a 2-worker LocalCluster and 6 runs on real MNIST (~30 s)
+@pytest.mark.slow(reason="a 2-worker LocalCluster and 6 smnist smoke runs: about a minute")
 def test_dask_sweep_on_local_cluster_matches_local_executor(tmp_path, mnist_dir):
     grid = [*SMOKE, "--methods", "lstm", "cd", "--penalty", "0.5", "1.0", "--data-dir", mnist_dir]
     dask = _start(
@@ -168,7 +168,7 @@ def _sweep_killing_a_worker(client, scheduler: str, out: Path) -> tuple[int, pd.
     return rc, runs.set_index("run_id"), killed[0].split("-")[1]
 
 
-@pytest.mark.slow  # reason: kills real worker processes found busy by polling the cluster (~25 s)
+@pytest.mark.slow(reason="kills real worker processes found busy by polling the cluster: 25-40 s")
 def test_killed_worker_costs_at_most_its_runs(cluster, tmp_path):
     address = cluster.scheduler.address
     # Dask reschedules a run whose worker died (allowed-failures, default 3): all end ok
@@ -200,7 +200,7 @@ def test_killed_worker_costs_at_most_its_runs(cluster, tmp_path):
     assert (runs["status"] == "ok").sum() >= 2
 
 
-@pytest.mark.slow  # reason: a fresh interpreter importing torch and dask, then the connect timeout (~15 s)
+@pytest.mark.slow(reason="a fresh interpreter importing torch and dask, then the connect timeout: 15-30 s")
 def test_wrong_scheduler_address_fails_fast_with_exit_2(tmp_path):
     out = tmp_path / "out"
     cmd = [
