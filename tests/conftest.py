@@ -13,6 +13,12 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# One torch thread, in this process and in the processes the tests start, unless the caller
+# chose (OMP_NUM_THREADS set): the tests' models are tiny, and on a shared 2-core machine a
+# second OpenMP thread per process only adds contention (measured: the fast tier took 11 min
+# with two threads under a load of 4-5 and about one with one thread).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 
 def pytest_addoption(parser):
     parser.addoption(
@@ -51,6 +57,15 @@ def mnist_dir() -> str:
             pytest.fail(f"MNIST not found under {raw} (set BENCH_DATA_DIR)")
         pytest.skip(f"MNIST not found under {raw}; set BENCH_DATA_DIR")
     return str(d)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _torch_threads():
+    import torch
+
+    threads = os.environ["OMP_NUM_THREADS"]
+    if threads.isdigit() and int(threads) > 0:
+        torch.set_num_threads(int(threads))
 
 
 @pytest.fixture(autouse=True)
