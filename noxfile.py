@@ -19,6 +19,8 @@ import nox
 nox.options.sessions = ["tests"]
 nox.options.reuse_existing_virtualenvs = True
 
+#: ruff pinned, so that CI formats exactly as the developers' environment does
+RUFF = "ruff==0.17.6"
 #: the lowest torch / torchvision pair pyproject.toml admits
 OLDEST = ["torch==2.11.*", "torchvision==0.26.*"]
 
@@ -53,7 +55,7 @@ def tests_oldest(session):
 @nox.session
 def lint(session):
     """ruff: lint rules and formatting of the whole tree (configuration in pyproject.toml)."""
-    session.install("ruff")
+    session.install(RUFF)
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
 
