@@ -22,7 +22,8 @@ import sys
 import uuid
 from pathlib import Path
 
-from .ablate import UsageError, cpu_name
+from .errors import UsageError
+from .provenance import device_name
 from .runner import RunConfig, run_one
 
 #: seconds to wait for an existing scheduler before ``--scheduler`` counts as wrong
@@ -45,8 +46,14 @@ class LocalExecutor:
         runs = tqdm(plan, desc="runs", unit="run", disable=not progress, position=0)
         for cfg in runs:
             runs.set_postfix_str(f"{cfg.method} {cfg.task}")
-            bar = tqdm(total=0, desc=f"{cfg.method} epoch", unit="batch", leave=False, disable=not progress,
-                       position=1)
+            bar = tqdm(
+                total=0,
+                desc=f"{cfg.method} epoch",
+                unit="batch",
+                leave=False,
+                disable=not progress,
+                position=1,
+            )
 
             def tick(done, total, epoch, bar=bar):
                 if bar.total != total:
@@ -56,8 +63,9 @@ class LocalExecutor:
                 if done == total or done % 20 == 0:
                     bar.refresh()
 
-            row, history = run_one(cfg, data_dir=data_dir, checkpoint_dir=checkpoint_dir,
-                                   progress=tick if progress else None)
+            row, history = run_one(
+                cfg, data_dir=data_dir, checkpoint_dir=checkpoint_dir, progress=tick if progress else None
+            )
             bar.close()
             row.update(executor="local", worker="local", host=host)
             on_result(cfg, row, history)
@@ -84,19 +92,26 @@ def run_on_worker(cfg: RunConfig, data_dir, checkpoint_dir) -> tuple[dict, list[
 
     torch.set_num_threads(1)  # one run per worker thread: N workers use N cores, not N x cores
     row, history = run_one(cfg, data_dir=data_dir, checkpoint_dir=checkpoint_dir)
-    row.pop("traceback", None)
-    cuda = cfg.device == "cuda" and torch.cuda.is_available()
-    device_name = torch.cuda.get_device_name() if cuda else cpu_name()
-    row.update(executor="dask", worker=get_worker().address, host=socket.gethostname(),
-               device_name=device_name, torch_version=torch.__version__)
+    row.update(
+        executor="dask",
+        worker=get_worker().address,
+        host=socket.gethostname(),
+        device_name=device_name(cfg.device),
+        torch_version=torch.__version__,
+    )
     return row, history
 
 
 def _failed_row(cfg: RunConfig, exc: BaseException) -> dict:
     """The ``runs.csv`` row of a run whose Dask task failed (as ``run_one`` builds it)."""
     msg = f"{type(exc).__name__}: {exc}".replace("\n", " ")
-    return {**dataclasses.asdict(cfg), "run_id": cfg.run_id, "status": "failed", "error": msg[:500],
-            "executor": "dask"}
+    return {
+        **dataclasses.asdict(cfg),
+        "run_id": cfg.run_id,
+        "status": "failed",
+        "error": msg[:500],
+        "executor": "dask",
+    }
 
 
 def _scheduler_address(scheduler: str) -> str:
@@ -136,7 +151,7 @@ class DaskExecutor:
 
     Raises
     ------
-    bench.ablate.UsageError
+    bench.errors.UsageError
         Neither or both of ``scheduler`` and ``workers``, dask not installed, the
         scheduler unreachable within ``CONNECT_TIMEOUT_S``, or the cluster not starting.
 
@@ -154,20 +169,22 @@ class DaskExecutor:
 
     def __init__(self, scheduler: str | None = None, workers: int | None = None) -> None:
         if (scheduler is None) == (workers is None):
-            raise UsageError("--executor dask needs exactly one of --scheduler ADDRESS (an existing "
-                                     "cluster) or --workers N (a LocalCluster started here)")
+            raise UsageError(
+                "--executor dask needs exactly one of --scheduler ADDRESS (an existing "
+                "cluster) or --workers N (a LocalCluster started here)"
+            )
         try:
             import dask
             from dask.distributed import Client, LocalCluster
         except ImportError:
-            raise UsageError("--executor dask needs dask.distributed: "
-                                     "pip install 'cdbench[dask]'") from None
+            raise UsageError("--executor dask needs dask.distributed: pip install 'cdbench[dask]'") from None
         self._cluster = None
         self._token = uuid.uuid4().hex[:8]  # keeps the task keys of concurrent sweeps apart
         try:
             if workers is not None:
-                self._cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                                             dashboard_address=None)
+                self._cluster = LocalCluster(
+                    n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None
+                )
                 self.client = Client(self._cluster, set_as_default=False)
             else:
                 address = _scheduler_address(scheduler)
@@ -183,8 +200,13 @@ class DaskExecutor:
 
     def describe(self) -> dict:
         """What goes into ``meta.json``: scheduler address, workers at start, how started."""
-        return {"executor": "dask", "scheduler": self.scheduler, "workers": self._n_workers,
-                "local_cluster": self._cluster is not None, **self._versions}
+        return {
+            "executor": "dask",
+            "scheduler": self.scheduler,
+            "workers": self._n_workers,
+            "local_cluster": self._cluster is not None,
+            **self._versions,
+        }
 
     def close(self) -> None:
         """Close the client and the LocalCluster started here (if any); idempotent."""
@@ -226,17 +248,32 @@ class DaskExecutor:
         data_dir, checkpoint_dir = _absolute(data_dir), _absolute(checkpoint_dir)
         info = self.client.scheduler_info()["workers"]
         if not info:
-            print("bench.ablate: note: the scheduler has no workers yet; runs wait until workers connect",
-                  file=sys.stderr, flush=True)
-        elif any(c.device == "cuda" for c in plan) and not any(w.get("resources", {}).get("GPU")
-                                                               for w in info.values()):
-            print("bench.ablate: note: cuda runs wait for workers started with --resources GPU=1; none "
-                  "connected now", file=sys.stderr, flush=True)
+            print(
+                "bench.ablate: note: the scheduler has no workers yet; runs wait until workers connect",
+                file=sys.stderr,
+                flush=True,
+            )
+        elif any(c.device == "cuda" for c in plan) and not any(
+            w.get("resources", {}).get("GPU") for w in info.values()
+        ):
+            print(
+                "bench.ablate: note: cuda runs wait for workers started with --resources GPU=1; none "
+                "connected now",
+                file=sys.stderr,
+                flush=True,
+            )
         futures, cfg_of = [], {}
         for cfg in plan:
-            fut = self.client.submit(run_on_worker, cfg, data_dir, checkpoint_dir, pure=False, retries=1,
-                                     key=f"run-{cfg.run_id}-{self._token}",
-                                     resources={"GPU": 1} if cfg.device == "cuda" else None)
+            fut = self.client.submit(
+                run_on_worker,
+                cfg,
+                data_dir,
+                checkpoint_dir,
+                pure=False,
+                retries=1,
+                key=f"run-{cfg.run_id}-{self._token}",
+                resources={"GPU": 1} if cfg.device == "cuda" else None,
+            )
             futures.append(fut)
             cfg_of[fut.key] = cfg
         bar = tqdm(total=len(plan), desc="runs", unit="run", disable=not progress)
@@ -256,7 +293,7 @@ class DaskExecutor:
 
 
 def make_executor(name: str, scheduler: str | None = None, workers: int | None = None):
-    """The executor called ``name``; raises ``bench.ablate.UsageError`` on a bad combination."""
+    """The executor called ``name``; raises ``bench.errors.UsageError`` on a bad combination."""
     if name == "local":
         return LocalExecutor()
     if name == "dask":

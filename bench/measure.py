@@ -36,8 +36,14 @@ class Timing:
         return 1.0 / self.seconds_per_iter if self.seconds_per_iter > 0 else float("inf")
 
 
-def time_fn(fn: Callable[[], object], *, warmup: int = 3, iters: int = 10, sync: Callable[[], None] = lambda: None,
-            clock: Callable[[], float] = time.perf_counter) -> Timing:
+def time_fn(
+    fn: Callable[[], object],
+    *,
+    warmup: int = 3,
+    iters: int = 10,
+    sync: Callable[[], None] = lambda: None,
+    clock: Callable[[], float] = time.perf_counter,
+) -> Timing:
     """Mean seconds per call of ``fn`` over ``iters`` calls after ``warmup`` discarded calls.
 
     ``sync`` is called after the warm-up and after the last timed call, before each

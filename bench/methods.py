@@ -1,25 +1,28 @@
 """The method registry: each way of keeping the recurrent weights orthogonal.
 
 A method turns the plain initial ``nn.LSTM`` of a run into its own recurrent module
-and says how to optimise it.  The harness only sees :class:`Built`:
+and says how to optimise it.  The trainer (:mod:`bench.runner`) only sees
+:class:`Method` (what the method is) and :class:`Built` (one model of it) and never
+asks which method it runs:
 
-* ``rnn``: the recurrent module, called as ``rnn(x)`` with batch-first input;
-* ``optimizer(model)``: the optimiser for the whole model;
-* ``penalty()``: the extra loss term, or None;
-* ``weights()``: ``{name: (raw, effective)}`` of the constrained recurrent weights,
-  raw being what the optimiser updates and effective what the forward uses;
-* ``constraint_work()``: one step's worth of the constraint's own arithmetic
-  (map + penalty with backward, retraction, trivialisation), timed on its own;
-* ``context()``: a context manager entered around each forward.
+* ``Method.constrained``: whether the recurrent weights are meant to stay on the
+  manifold (an exploded feasibility then counts as divergence);
+* ``Built.optimizer(model)``, ``Built.penalty()``, ``Built.context()``: how to train;
+* ``Built.weights()``: the constrained recurrent weights, raw and effective;
+* ``Built.project()``: the exactly feasible plain module (deployment);
+* ``Built.counters(optimizer)``: the optimiser's own counts (e.g. re-projections);
+* ``Built.constraint_work()``: the constraint's arithmetic of one step, timed alone.
 
 Every method receives the same unconstrained initial weights for a given seed;
 constrained methods project their recurrent weights onto the manifold when attaching.
+``python -m bench.ablate --list-methods`` prints the registry.
 """
 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+import importlib.util
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -30,39 +33,127 @@ import cdcore
 from cdcore import stiefel
 from cdcore.dissolving import project, to_blocks
 
+__all__ = ["METHODS", "Built", "Method", "hh_names", "plain_projected"]
+
+
+def _no_counters(optimizer: torch.optim.Optimizer) -> dict[str, int]:
+    return {}
+
 
 @dataclass
 class Built:
+    """One model of a method, as the trainer uses it.
+
+    Attributes
+    ----------
+    rnn : nn.Module
+        The recurrent module, called as ``rnn(x)`` with batch-first input (N, T, F);
+        returns ``(output, state)`` like ``nn.LSTM``.
+    optimizer : callable
+        ``optimizer(model) -> torch.optim.Optimizer`` for the whole model (rnn and head).
+    weights : callable
+        ``weights() -> {name: (raw, effective)}`` of the recurrent weights, raw being
+        what the optimiser moves and effective what the forward uses (the same tensor
+        for methods without a map), each (4H, H).
+    project : callable
+        ``project() -> nn.Module``: a new plain recurrent module (``nn.LSTM``) holding the
+        trained weights, its recurrent weights replaced by their exact projection onto
+        the manifold (polar factor, per gate block for ``per_gate``); the model is not
+        changed.  For an unconstrained method this changes what the model computes (the
+        ``test_metric_projected`` column shows by how much).
+    penalty : callable or None
+        ``penalty() -> Tensor``: a 0-dim term added to the loss, or None.
+    constraint_work : callable or None
+        One step's worth of the constraint's own arithmetic (map and penalty with their
+        backward, the retraction, or the trivialisation), timed alone for
+        ``constraint_share``; None when the method has none.
+    context : callable
+        A context manager entered around each forward (e.g. geotorch's
+        ``parametrize.cached``).
+    counters : callable
+        ``counters(optimizer) -> {column: int}``: the optimiser's own counts reported in
+        ``runs.csv`` (every key must be one of ``bench.runner.RUN_COLUMNS``).
+    """
+
     rnn: nn.Module
     optimizer: Callable[[nn.Module], torch.optim.Optimizer]
     weights: Callable[[], dict[str, tuple[Tensor, Tensor]]]
+    project: Callable[[], nn.Module]
     penalty: Callable[[], Tensor] | None = None
     constraint_work: Callable[[], None] | None = None
     context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+    counters: Callable[[torch.optim.Optimizer], dict[str, int]] = _no_counters
 
 
 @dataclass(frozen=True)
 class Method:
+    """A registered method.
+
+    Attributes
+    ----------
+    name : str
+        The key used on the command line and in ``runs.csv``.
+    math : str
+        What the recurrent weight is and how it moves (``--list-methods``).
+    reference : str
+        Paper(s) and implementation (``--list-methods``).
+    build : callable
+        ``build(lstm, cfg) -> Built`` from the plain initial ``nn.LSTM`` and the
+        :class:`bench.runner.RunConfig`.
+    constrained : bool
+        True when the recurrent weights are kept on (or pulled to) the manifold.
+    uses_penalty : bool
+        True when ``penalty_param`` applies (the sweep multiplies only these by ``--penalty``).
+    granularities : tuple of str
+        The granularities the method supports.
+    requires : str or None
+        An optional package the method needs; without it the sweep skips the method.
+    tolerance : float or None
+        Feasibility ``||A^T A - I||_F`` of the weights the forward uses (max over
+        recurrent weights, float32) that the method keeps after training; the learning
+        contract (``tests/test_contract.py``) holds it to this.  None: unconstrained.
+    """
+
     name: str
     math: str
     reference: str
     build: Callable[[nn.LSTM, object], Built]
+    constrained: bool = True
     uses_penalty: bool = False
     granularities: tuple[str, ...] = ("stacked", "per_gate")
-    requires: str | None = None  # an optional package the method needs
-    notes: str = ""
-    extra: dict = field(default_factory=dict)
+    requires: str | None = None
+    tolerance: float | None = None
 
     def available(self) -> bool:
-        if self.requires is None:
-            return True
-        import importlib.util
-
-        return importlib.util.find_spec(self.requires) is not None
+        """True when the package the method requires (if any) is installed."""
+        return self.requires is None or importlib.util.find_spec(self.requires) is not None
 
 
 def hh_names(lstm: nn.LSTM) -> list[str]:
+    """Names of the recurrent weights ``weight_hh_l{k}[_reverse]`` of ``lstm``."""
     return [n for n in lstm._flat_weights_names if n.startswith("weight_hh_l")]
+
+
+def plain_projected(rnn: nn.Module, recurrent: dict[str, Tensor], granularity: str) -> nn.LSTM:
+    """A new ``nn.LSTM`` shaped like ``rnn``: the weights in ``recurrent`` projected
+    exactly onto the manifold (polar factor, :func:`cdcore.dissolving.project`), every
+    other weight copied from ``getattr(rnn, name)``.  Same device and dtype."""
+    ref = next(rnn.parameters())
+    plain = nn.LSTM(
+        rnn.input_size,
+        rnn.hidden_size,
+        rnn.num_layers,
+        bias=rnn.bias,
+        batch_first=rnn.batch_first,
+        bidirectional=rnn.bidirectional,
+        device=ref.device,
+        dtype=ref.dtype,
+    )
+    with torch.no_grad():
+        for n in plain._flat_weights_names:
+            src = project(recurrent[n].detach(), granularity) if n in recurrent else getattr(rnn, n)
+            getattr(plain, n).copy_(src)
+    return plain
 
 
 #: upstream gradient used when timing the constraint's backward on its own: small, like a
@@ -92,27 +183,48 @@ def _adam(model, constrained, cfg):
 
 def build_lstm(lstm: nn.LSTM, cfg) -> Built:
     names = hh_names(lstm)
+
+    def weights():
+        return {n: (getattr(lstm, n), getattr(lstm, n)) for n in names}
+
     return Built(
         rnn=lstm,
         optimizer=lambda model: torch.optim.Adam(model.parameters(), lr=cfg.lr),
-        weights=lambda: {n: (getattr(lstm, n), getattr(lstm, n)) for n in names},
+        weights=weights,
+        project=lambda: plain_projected(lstm, {n: e for n, (_, e) in weights().items()}, cfg.granularity),
     )
+
+
+# The lines of build_cd that know cdcore's StiefelLSTM API (where the raw recurrent weights
+# live, how A(W) and the penalty are computed together): the only ones to adapt when it changes.
+def _cd_raws(rnn) -> list[Tensor]:
+    return [getattr(rnn, n) for n in rnn.dissolved_names]  # the raw weights W (plain parameters)
+
+
+def _cd_effective(rnn) -> tuple[list[Tensor], Tensor]:
+    return rnn.effective_weights()
 
 
 def build_cd(lstm: nn.LSTM, cfg) -> Built:
     rnn = cdcore.StiefelLSTM.from_lstm(lstm, penalty_param=cfg.penalty_param, granularity=cfg.granularity)
-    raws = [getattr(rnn, n) for n in rnn.dissolved_names]  # the raw weights W (plain parameters)
+    raws = _cd_raws(rnn)
 
     def weights():
-        eff, _ = rnn.effective_weights()
+        eff, _ = _cd_effective(rnn)
         return {n: (r, e) for n, r, e in zip(rnn.dissolved_names, raws, eff)}
 
     def work():
-        eff, pen = rnn.effective_weights()
+        eff, pen = _cd_effective(rnn)
         torch.autograd.grad([pen, *eff], raws, [torch.ones_like(pen), *map(_upstream, eff)])
 
-    return Built(rnn=rnn, optimizer=lambda model: _adam(model, raws, cfg), weights=weights,
-                 penalty=lambda: cdcore.quad_penalty(rnn), constraint_work=work)
+    return Built(
+        rnn=rnn,
+        optimizer=lambda model: _adam(model, raws, cfg),
+        weights=weights,
+        project=rnn.to_lstm,
+        penalty=lambda: cdcore.quad_penalty(rnn),
+        constraint_work=work,
+    )
 
 
 def _geotorch(triv: str):
@@ -134,8 +246,14 @@ def _geotorch(triv: str):
             eff = [getattr(lstm, n) for n in names]
             torch.autograd.grad(eff, originals, list(map(_upstream, eff)))
 
-        return Built(rnn=lstm, optimizer=lambda model: _adam(model, originals, cfg), weights=weights,
-                     constraint_work=work, context=parametrize.cached)
+        return Built(
+            rnn=lstm,
+            optimizer=lambda model: _adam(model, originals, cfg),
+            weights=weights,
+            project=lambda: plain_projected(lstm, {n: getattr(lstm, n) for n in names}, cfg.granularity),
+            constraint_work=work,
+            context=parametrize.cached,
+        )
 
     return build
 
@@ -150,19 +268,35 @@ def build_cayley(lstm: nn.LSTM, cfg) -> Built:
 
     def optimizer(model):
         return cdcore.optim.CayleyAdam(
-            [{"params": _split_params(model, hh)},
-             {"params": hh, "stiefel": True, "granularity": cfg.granularity, "lr": cfg.lr_constrained or cfg.lr}],
+            [
+                {"params": _split_params(model, hh)},
+                {
+                    "params": hh,
+                    "stiefel": True,
+                    "granularity": cfg.granularity,
+                    "lr": cfg.lr_constrained or cfg.lr,
+                },
+            ],
             lr=cfg.lr,
         )
 
     def work():
         X = to_blocks(torch.stack(hh), cfg.granularity).flatten(0, 1).detach()
-        G = _upstream(X) if hh[0].grad is None else to_blocks(
-            torch.stack([p.grad for p in hh]), cfg.granularity).flatten(0, 1)
+        G = (
+            _upstream(X)
+            if hh[0].grad is None
+            else to_blocks(torch.stack([p.grad for p in hh]), cfg.granularity).flatten(0, 1)
+        )
         stiefel.retr_cayley(X, stiefel.proju(X, -1e-3 * G))
 
-    return Built(rnn=lstm, optimizer=optimizer, weights=lambda: {n: (getattr(lstm, n),) * 2 for n in names},
-                 constraint_work=work)
+    return Built(
+        rnn=lstm,
+        optimizer=optimizer,
+        weights=lambda: {n: (getattr(lstm, n),) * 2 for n in names},
+        project=lambda: plain_projected(lstm, dict(zip(names, hh)), cfg.granularity),
+        constraint_work=work,
+        counters=lambda opt: {"reprojections": opt.reprojections()},
+    )
 
 
 def build_cdopt(lstm: nn.LSTM, cfg) -> Built:
@@ -172,9 +306,15 @@ def build_cdopt(lstm: nn.LSTM, cfg) -> Built:
     ref = next(lstm.parameters())
     with torch.random.fork_rng(devices=[ref.device] if ref.is_cuda else []):
         rnn = cdnn.LSTM_cdopt(
-            lstm.input_size, lstm.hidden_size, lstm.num_layers, batch_first=lstm.batch_first,
-            bidirectional=lstm.bidirectional, manifold_class=stiefel_torch, penalty_param=cfg.penalty_param,
-            device=ref.device, dtype=ref.dtype,
+            lstm.input_size,
+            lstm.hidden_size,
+            lstm.num_layers,
+            batch_first=lstm.batch_first,
+            bidirectional=lstm.bidirectional,
+            manifold_class=stiefel_torch,
+            penalty_param=cfg.penalty_param,
+            device=ref.device,
+            dtype=ref.dtype,
         )
     names = hh_names(lstm)
     with torch.no_grad():
@@ -192,29 +332,72 @@ def build_cdopt(lstm: nn.LSTM, cfg) -> Built:
         pen = cfg.penalty_param * rnn.manifold.C_quad_penalty(X)
         torch.autograd.grad([pen, A], raws, [torch.ones_like(pen), _upstream(A)])
 
-    return Built(rnn=rnn, optimizer=lambda model: _adam(model, raws, cfg), weights=weights,
-                 penalty=lambda: cdnn.get_quad_penalty(rnn), constraint_work=work)
+    return Built(
+        rnn=rnn,
+        optimizer=lambda model: _adam(model, raws, cfg),
+        weights=weights,
+        project=lambda: plain_projected(rnn, {n: e for n, (_, e) in weights().items()}, cfg.granularity),
+        penalty=lambda: cdnn.get_quad_penalty(rnn),
+        constraint_work=work,
+    )
 
+
+#: feasibility bound of the exactly constrained methods: float32 rounding over training
+EXACT = 1e-4
+#: feasibility bound of the constraint-dissolving methods: A(W) is feasible to second order
+#: in ||W^T W - I|| only, and the penalty keeps W near (not on) the manifold
+DISSOLVED = 5e-2
 
 METHODS: dict[str, Method] = {
     m.name: m
     for m in [
-        Method("lstm", "W unconstrained; plain Adam", "Hochreiter & Schmidhuber 1997 (torch.nn.LSTM)", build_lstm),
-        Method("cd", "forward uses A(W) = W(3/2 I - 1/2 W^T W); loss + penalty_param ||W^T W - I||_F^2; Adam",
-               "Xiao, Liu, Toh arXiv:2203.10319; Hu, Xiao, Liu, Toh arXiv:2205.10500 (cdcore.StiefelLSTM)",
-               build_cd, uses_penalty=True),
-        Method("geotorch_expm", "W = B expm(S) (padded 4H x 4H skew S): trivialisation; Adam on S",
-               "Lezcano-Casado & Martinez-Rubio, ICML 2019; Lezcano-Casado, NeurIPS 2019 (geotorch.orthogonal)",
-               _geotorch("expm"), granularities=("stacked",)),
-        Method("geotorch_cayley", "W = B cayley(S) (padded 4H x 4H skew S): trivialisation; Adam on S",
-               "Lezcano-Casado, NeurIPS 2019 (geotorch.orthogonal, triv='cayley')",
-               _geotorch("cayley"), granularities=("stacked",)),
-        Method("cayley", "W <- R_W(-lr m/sqrt(v)): Riemannian Adam, tangent momentum, Cayley retraction",
-               "Li, Fuxin, Todorovic, ICLR 2020; Wen & Yin 2013 (cdcore.optim.CayleyAdam)", build_cayley),
-        Method("cdopt", "as cd, through the reference package (LSTM_cdopt, stiefel_torch)",
-               "CDOpt 0.5.5 (Xiao, Hu, Liu, Toh)", build_cdopt, uses_penalty=True,
-               granularities=("stacked",), requires="cdopt"),
+        Method(
+            "lstm",
+            "W unconstrained; plain Adam",
+            "Hochreiter & Schmidhuber 1997 (torch.nn.LSTM)",
+            build_lstm,
+            constrained=False,
+        ),
+        Method(
+            "cd",
+            "forward uses A(W) = W(3/2 I - 1/2 W^T W); loss + penalty_param ||W^T W - I||_F^2; Adam",
+            "Xiao, Liu, Toh arXiv:2203.10319; Hu, Xiao, Liu, Toh arXiv:2205.10500 (cdcore.StiefelLSTM)",
+            build_cd,
+            uses_penalty=True,
+            tolerance=DISSOLVED,
+        ),
+        Method(
+            "geotorch_expm",
+            "W = B expm(S) (padded 4H x 4H skew S): trivialisation; Adam on S",
+            "Lezcano-Casado & Martinez-Rubio, ICML 2019; Lezcano-Casado, NeurIPS 2019 (geotorch.orthogonal)",
+            _geotorch("expm"),
+            granularities=("stacked",),
+            tolerance=EXACT,
+        ),
+        Method(
+            "geotorch_cayley",
+            "W = B cayley(S) (padded 4H x 4H skew S): trivialisation; Adam on S",
+            "Lezcano-Casado, NeurIPS 2019 (geotorch.orthogonal, triv='cayley')",
+            _geotorch("cayley"),
+            granularities=("stacked",),
+            tolerance=EXACT,
+        ),
+        Method(
+            "cayley",
+            "W <- R_W(-lr m/sqrt(v)): Riemannian Adam, tangent momentum, Cayley retraction",
+            "Li, Fuxin, Todorovic, ICLR 2020; Wen & Yin 2013 (cdcore.optim.CayleyAdam)",
+            build_cayley,
+            tolerance=EXACT,
+        ),
+        Method(
+            "cdopt",
+            "as cd, through the reference package (LSTM_cdopt, stiefel_torch)",
+            "CDOpt 0.5.5 (Xiao, Hu, Liu, Toh)",
+            build_cdopt,
+            uses_penalty=True,
+            granularities=("stacked",),
+            requires="cdopt",
+            tolerance=DISSOLVED,
+        ),
     ]
 }
-
-__all__ = ["METHODS", "Built", "Method", "hh_names"]

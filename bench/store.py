@@ -18,28 +18,22 @@ import io
 import os
 from pathlib import Path
 
-RUN_COLUMNS = [
-    "run_id", "method", "task", "seed", "num_layers", "hidden_size", "bidirectional", "granularity",
-    "penalty_param", "epochs", "batch_size", "lr", "lr_constrained", "device", "profile", "train_subset",
-    "test_subset", "seq_len", "perf_iters", "status", "error", "diverged_epoch", "metric", "baseline",
-    "test_metric", "test_metric_projected", "test_acc", "test_acc_projected", "train_loss", "feasibility_raw",
-    "feasibility_eff", "reprojections", "train_samples_per_s", "eval_samples_per_s", "train_step_ms",
-    "constraint_share", "peak_mem_mb", "param_count", "n_train", "n_test", "train_s", "wall_s",
-    "resumed_from_epoch", "executor", "worker", "host", "device_name", "torch_version", "git_commit", "confusion",
-]
-HISTORY_COLUMNS = [
-    "run_id", "method", "task", "seed", "penalty_param", "epoch", "step", "train_loss", "train_metric", "metric",
-    "test_metric", "test_acc", "feasibility_raw", "feasibility_eff", "epoch_s", "train_wall_s",
-]
+from .errors import FolderBusy
+from .runner import HISTORY_COLUMNS, RUN_COLUMNS
 
-
-class FolderBusy(RuntimeError):
-    """Another sweep holds the output folder's lock."""
+__all__ = ["HISTORY_COLUMNS", "RUN_COLUMNS", "FolderBusy", "ResultStore", "read_rows"]
 
 
 def _line(values: dict, columns: list[str]) -> bytes:
+    unknown = [k for k in values if k not in columns]
+    if unknown:  # a key without a column would be dropped silently: refuse it (a bug in the caller)
+        raise ValueError(
+            f"no column for {', '.join(map(repr, unknown))}; add it to bench.runner's column lists"
+        )
     buf = io.StringIO()
-    csv.writer(buf, lineterminator="\n").writerow(["" if values.get(c) is None else values.get(c) for c in columns])
+    csv.writer(buf, lineterminator="\n").writerow(
+        ["" if values.get(c) is None else values.get(c) for c in columns]
+    )
     return buf.getvalue().encode()
 
 
@@ -57,8 +51,8 @@ def _rewrite(path: Path, rows: list[dict], columns: list[str]) -> None:
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     with open(tmp, "wb") as f:
         f.write(_line({c: c for c in columns}, columns))
-        for r in rows:
-            f.write(_line(r, columns))
+        for r in rows:  # rows read back from the file: columns of an older version are dropped
+            f.write(_line({k: v for k, v in r.items() if k in columns}, columns))
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -106,8 +100,11 @@ class ResultStore:
             if r.get("status") == "ok":
                 done.add(rid)
         kept_ids = {r["run_id"] for r in kept}
-        history = [h for h in read_rows(self.history_path)
-                   if h.get("run_id") in kept_ids or h.get("run_id") not in planned_ids]
+        history = [
+            h
+            for h in read_rows(self.history_path)
+            if h.get("run_id") in kept_ids or h.get("run_id") not in planned_ids
+        ]
         _rewrite(self.runs_path, kept, RUN_COLUMNS)
         _rewrite(self.history_path, history, HISTORY_COLUMNS)
         return done
@@ -115,14 +112,22 @@ class ResultStore:
     def _append(self, path: Path, rows: list[dict], columns: list[str]) -> None:
         if not rows:
             return
+        data = b"".join(_line(r, columns) for r in rows)  # before opening: a bad key writes nothing
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
-            os.write(fd, b"".join(_line(r, columns) for r in rows))
+            os.write(fd, data)
             os.fsync(fd)
         finally:
             os.close(fd)
 
     def record(self, row: dict, history: list[dict]) -> None:
-        """Append one finished run: its history rows first, then its run row."""
+        """Append one finished run: its history rows first, then its run row.
+
+        Raises
+        ------
+        ValueError
+            A key of ``row`` or of a history row that is not a column (nothing is written).
+        """
+        _line(row, RUN_COLUMNS)
         self._append(self.history_path, history, HISTORY_COLUMNS)
         self._append(self.runs_path, [row], RUN_COLUMNS)

@@ -11,13 +11,13 @@ import gc
 import pytest
 import torch
 
-from bench import perf
+from bench.perf import plan
 
 
 @pytest.fixture
 def task_for():
     """``task_for(batch)``: the synthetic notebook-shaped task with ``batch`` sequences."""
-    return perf.shape28_task
+    return plan.shape28_task
 
 
 @pytest.fixture(autouse=True)

@@ -1,7 +1,7 @@
 """pytest-benchmark micro-benchmarks: one training step and one eval forward per case.
 
 The cases (method x hidden x batch x device, with their rounds) come from
-:func:`bench.perf.load_plan`.  Each case builds a fresh model with
+:func:`bench.perf.plan.load_plan`.  Each case builds a fresh model with
 :func:`bench.runner.make_steps` (the batch is already on the device, so data loading is
 not timed) and times
 
@@ -23,8 +23,10 @@ benchmarks.
 import pytest
 import torch
 
-from bench import measure, perf
+from bench import measure
 from bench.methods import METHODS
+from bench.perf import plan
+from bench.perf.run import timed_step
 from bench.runner import make_steps
 
 
@@ -33,35 +35,43 @@ def _bench(benchmark, task_for, case):
         pytest.skip(f"{case['method']} needs {METHODS[case['method']].requires}")
     if case["device"] == "cuda" and not torch.cuda.is_available():
         pytest.skip("no CUDA device")
-    cfg = perf.run_config(case["method"], case["hidden"], case["batch"], case["device"])
+    cfg = plan.run_config(case["method"], case["hidden"], case["batch"], case["device"])
     steps = make_steps(cfg, task_for(case["batch"]))
     sync = measure.synchronizer(case["device"])
     lstm_times = []
-    if case["method"] == "lstm":
+    if case["method"] == plan.REFERENCE:
         setup = sync
     else:
         # the same step of lstm, timed right before each round: the pair cancels drifts of the
-        # machine's speed between benchmarks (bench.perf.load_results -> paired_vs_lstm)
-        ref_cfg = perf.run_config("lstm", case["hidden"], case["batch"], case["device"])
+        # machine's speed between benchmarks (bench.perf.report.load_results -> paired_vs_lstm)
+        ref_cfg = plan.run_config(plan.REFERENCE, case["hidden"], case["batch"], case["device"])
         ref_step = getattr(make_steps(ref_cfg, task_for(case["batch"])), case["kind"])
 
         def setup():
             lstm_times.append(measure.time_fn(ref_step, warmup=0, iters=1, sync=sync).seconds_per_iter)
 
     benchmark.group = f"{case['kind']} {case['device']} H{case['hidden']} B{case['batch']}"
-    benchmark.extra_info.update({k: case[k] for k in ("method", "device", "hidden", "batch", "kind", "warmup")},
-                                samples=steps.batch_size, torch_threads=torch.get_num_threads())
-    benchmark.pedantic(perf.timed_step(getattr(steps, case["kind"]), case["device"]), setup=setup,
-                       rounds=case["rounds"], warmup_rounds=case["warmup"], iterations=1)
+    benchmark.extra_info.update(
+        {k: case[k] for k in ("method", "device", "hidden", "batch", "kind", "warmup")},
+        samples=steps.batch_size,
+        torch_threads=torch.get_num_threads(),
+    )
+    benchmark.pedantic(
+        timed_step(getattr(steps, case["kind"]), case["device"]),
+        setup=setup,
+        rounds=case["rounds"],
+        warmup_rounds=case["warmup"],
+        iterations=1,
+    )
     if lstm_times:
-        benchmark.extra_info["lstm_round_s"] = lstm_times[-case["rounds"]:]  # setup also ran before warm-ups
+        benchmark.extra_info["lstm_round_s"] = lstm_times[-case["rounds"] :]  # setup also ran before warm-ups
 
 
-@pytest.mark.parametrize("case", perf.load_plan("train"), ids=perf.case_id)
+@pytest.mark.parametrize("case", plan.load_plan("train"), ids=plan.case_id)
 def test_train_step(benchmark, task_for, case):
     _bench(benchmark, task_for, case)
 
 
-@pytest.mark.parametrize("case", perf.load_plan("eval"), ids=perf.case_id)
+@pytest.mark.parametrize("case", plan.load_plan("eval"), ids=plan.case_id)
 def test_eval_step(benchmark, task_for, case):
     _bench(benchmark, task_for, case)

@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench import measure, perf, runner
+from bench import measure, runner
+from bench.perf import cli, paired, plan, report
+from bench.perf.run import time_methods, timed_step
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -65,10 +67,10 @@ def test_synchronizer_cpu_is_noop_and_cuda_calls_cuda_synchronize(monkeypatch):
 def test_timed_step_syncs_after_the_step(monkeypatch):
     events = []
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: events.append("sync"))
-    perf.timed_step(lambda: events.append("step"), "cuda")()
+    timed_step(lambda: events.append("step"), "cuda")()
     assert events == ["step", "sync"]
     events.clear()
-    perf.timed_step(lambda: events.append("step"), "cpu")()
+    timed_step(lambda: events.append("step"), "cpu")()
     assert events == ["step"]
 
 
@@ -81,15 +83,17 @@ def _fake_steps(clock, constraint_s, rest_s, batch=32):
         constraint()
         rest()
 
-    return runner.Steps(train=train, eval=rest, constraint=constraint, batch_size=batch, model=None), rest
+    return runner.Steps(train=train, eval=rest, constraint=constraint, batch_size=batch), rest
 
 
 @pytest.mark.parametrize("constraint_s,rest_s", [(0.25, 0.75), (3e-3, 7e-2), (2.0, 1e-3)])
 def test_time_fn_composition_split_adds_up(constraint_s, rest_s):
     clock = FakeClock([])
     steps, rest = _fake_steps(clock, constraint_s, rest_s)
-    timed = {name: measure.time_fn(fn, warmup=2, iters=5, clock=clock).seconds_per_iter
-             for name, fn in [("train", steps.train), ("constraint", steps.constraint), ("rest", rest)]}
+    timed = {
+        name: measure.time_fn(fn, warmup=2, iters=5, clock=clock).seconds_per_iter
+        for name, fn in [("train", steps.train), ("constraint", steps.constraint), ("rest", rest)]
+    }
     share = timed["constraint"] / timed["train"]
     assert share == pytest.approx(constraint_s / (constraint_s + rest_s))
     assert share + timed["rest"] / timed["train"] == pytest.approx(1.0, abs=1e-9)
@@ -119,35 +123,104 @@ def test_peak_memory_positive_on_cpu():
 
 
 def test_rounds_budget():
-    assert perf.rounds_for(0.1, 3, 5, 30.0) == (3, 5)
-    assert perf.rounds_for(0.1, 3, 5, None) == (3, 5)
-    assert perf.rounds_for(10.0, 3, 5, 30.0) == (1, 2)
-    assert perf.rounds_for(100.0, 3, 5, 30.0) == (1, 1)  # a slow benchmark still runs once
-    plan = perf.make_plan(["lstm", "geotorch_expm"], [512], [64], ["cpu"], gflops={"cpu": 50.0})
-    slow = {(c["method"], c["kind"]): c for c in plan}
+    assert plan.rounds_for(0.1, 3, 5, 30.0) == (3, 5)
+    assert plan.rounds_for(0.1, 3, 5, None) == (3, 5)
+    assert plan.rounds_for(10.0, 3, 5, 30.0) == (1, 2)
+    assert plan.rounds_for(100.0, 3, 5, 30.0) == (1, 1)  # a slow benchmark still runs once
+
+    def cost(method, hidden, batch, device):  # what measure_cost would have measured
+        step = {"lstm": 0.01, "geotorch_expm": 8.0}[method]
+        return {"build": 0.5, "train": step, "eval": step / 3}
+
+    cases = plan.make_plan(["lstm", "geotorch_expm"], [512], [64], ["cpu"], cost=cost)
+    slow = {(c["method"], c["kind"]): c for c in cases}
     assert not slow[("lstm", "eval")]["cut"] and slow[("geotorch_expm", "train")]["cut"]
-    assert all(c["rounds"] >= 1 and c["warmup"] >= 0 for c in plan)
+    # one round of a method also times the reference step it is paired with
+    assert slow[("geotorch_expm", "train")]["est_step_s"] == pytest.approx(8.01)
+    assert slow[("lstm", "train")]["est_s"] == pytest.approx(0.5 + 8 * 0.01)
+    assert all(c["rounds"] >= 1 and c["warmup"] >= 0 for c in cases)
+    # without a cost: default rounds, no estimate (what pytest benchmarks/ collects)
+    assert all(
+        c["est_s"] is None and not c["cut"] for c in plan.make_plan(["cd"], [8], [4], ["cpu"], cost=None)
+    )
+
+
+def test_cost_estimate_is_measured_so_a_new_method_is_estimated_too(monkeypatch):
+    """The estimate times a real warm-up step: a method unknown to any table (here one whose
+    optimiser step sleeps 50 ms) is estimated at least that slow, and its rounds are cut."""
+    import time
+
+    from bench import methods
+
+    def slow_build(lstm, cfg):
+        built = methods.build_lstm(lstm, cfg)
+        make = built.optimizer
+
+        def optimizer(model):
+            opt = make(model)
+            step = opt.step
+
+            def sleepy_step(*a, **k):
+                time.sleep(0.05)
+                return step(*a, **k)
+
+            opt.step = sleepy_step
+            return opt
+
+        built.optimizer = optimizer
+        return built
+
+    monkeypatch.setitem(methods.METHODS, "slowpoke", methods.Method("slowpoke", "", "", slow_build))
+    cost = plan.measure_cost("slowpoke", 8, 4, "cpu")
+    assert cost["train"] >= 0.05 and cost["build"] > 0 and cost["eval"] > 0
+    cases = plan.make_plan(["slowpoke"], [8], [4], ["cpu"], max_seconds=0.2)
+    train = next(c for c in cases if c["kind"] == "train")
+    assert train["est_step_s"] >= 0.05 and train["cut"] and train["warmup"] == 1 and train["rounds"] <= 3
 
 
 def test_shape28_task_has_the_notebooks_shape():
-    task = perf.shape28_task(8)
+    task = plan.shape28_task(8)
     x, y = task.train
     assert x.shape == (8, 28, 28) and y.shape == (8,) and task.output_size == 10 and task.seq_len == 28
-    cfg = perf.run_config("cd", 64, 8, "cpu")
+    cfg = plan.run_config("cd", 64, 8, "cpu")
     assert (cfg.num_layers, cfg.bidirectional, cfg.penalty_param) == (2, True, 0.5)
-    assert perf.run_config("lstm", 64, 8, "cpu").penalty_param is None
+    assert plan.run_config("lstm", 64, 8, "cpu").penalty_param is None
 
 
 def test_perf_cli_end_to_end(tmp_path):
     out = tmp_path / "perf"
-    cmd = [sys.executable, "-m", "bench.perf", "--quick", "--methods", "lstm", "cd", "--hidden", "16",
-           "--batch", "8", "--rounds", "1", "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.perf",
+        "--quick",
+        "--methods",
+        "lstm",
+        "cd",
+        "--hidden",
+        "16",
+        "--batch",
+        "8",
+        "--rounds",
+        "1",
+        "--out",
+        str(out),
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    for name in ["table.csv", "table.md", "relative_throughput.png", "scaling.png", "command.txt"]:
+    for name in [
+        "table.csv",
+        "table.md",
+        "relative_throughput.png",
+        "scaling.png",
+        "command.txt",
+        "plan.json",
+    ]:
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     rows = list(csv.DictReader((out / "table.csv").open()))
-    assert {(r["method"], r["kind"]) for r in rows} == {(m, k) for m in ("lstm", "cd") for k in ("train", "eval")}
+    assert {(r["method"], r["kind"]) for r in rows} == {
+        (m, k) for m in ("lstm", "cd") for k in ("train", "eval")
+    }
     assert all((r["hidden"], r["batch"], r["rounds"]) == ("16", "8", "1") for r in rows)
     for r in rows:
         assert float(r["median_ms"]) > 0 and float(r["samples_per_s"]) > 0
@@ -159,44 +232,73 @@ def test_perf_cli_end_to_end(tmp_path):
     bench = json.loads((out / "benchmark.json").read_text())["benchmarks"]
     cd = [b for b in bench if b["extra_info"]["method"] == "cd"]
     assert cd and all(len(b["extra_info"]["lstm_round_s"]) == len(b["stats"]["data"]) == 1 for b in cd)
+    assert all(c["est_s"] > 0 for c in json.loads((out / "plan.json").read_text()))  # measured estimates
     command = (out / "command.txt").read_text()
     assert "python -m bench.perf --quick --methods lstm cd --hidden 16 --batch 8 --rounds 1" in command
-    for key in ("torch:", "cpu count:", "date:"):
+    for key in ("torch:", "cpu count:", "date:", "estimated:"):
         assert key in command
 
 
-def test_paired_ratios_pairs_within_rounds(monkeypatch):
-    from bench import perf
+class _Clock:
+    """A clock that moves only when a fake step advances it."""
+
+    def __init__(self):
+        self.t = 0.0
+
+    def advance(self, dt):
+        self.t += dt
+
+    def __call__(self):
+        return self.t
+
+
+def test_interleaved_times_pairs_rounds_and_shuffles_the_order():
+    clock, calls = _Clock(), []
+
+    def step(name, cost):
+        def fn():
+            calls.append(name)
+            clock.advance(cost)
+
+        return fn
+
+    fns = {"lstm": step("lstm", 1.0), "cd": step("cd", 1.25), "cdopt": step("cdopt", 2.0)}
+    times = paired.interleaved_times(fns, rounds=6, warmup=2, clock=clock, seed=3)
+    assert calls[:6] == ["lstm"] * 2 + ["cd"] * 2 + ["cdopt"] * 2  # warm-up first, untimed
+    rounds = [calls[6 + 3 * i : 9 + 3 * i] for i in range(6)]
+    assert all(sorted(r) == ["cd", "cdopt", "lstm"] for r in rounds)  # one call of each per round
+    assert len({tuple(r) for r in rounds}) > 1  # in a shuffled order
+    assert times == {"lstm": [1.0] * 6, "cd": [1.25] * 6, "cdopt": [2.0] * 6}
+    rows = {r["method"]: r for r in paired.relative_rows(times, "lstm", hidden=8)}
+    assert rows["cd"]["ratio"] == pytest.approx(0.8) and rows["cd"]["of_medians"] == pytest.approx(0.8)
+    assert rows["cd"]["median_ms"] == pytest.approx(1250.0) and rows["cd"]["rounds"] == 6
+    assert rows["lstm"]["ratio"] == 1.0 and rows["cdopt"]["hidden"] == 8
+    with pytest.raises(ValueError):
+        paired.interleaved_times(fns, rounds=0)
+
+
+def test_time_methods_builds_each_method_and_times_it_interleaved(monkeypatch):
+    clock = _Clock()
+    costs = {"lstm": 1.0, "cd": 1.25}
 
     class FakeSteps:
         def __init__(self, cost):
             self.train = self.eval = lambda: clock.advance(cost)
 
-    class Clock:
-        t = 0.0
-
-        def advance(self, dt):
-            self.t += dt
-
-    clock = Clock()
-    costs = {"lstm": 1.0, "cd": 1.25}
-    monkeypatch.setattr("bench.runner.make_steps", lambda cfg, task: FakeSteps(costs[cfg.method]))
-    monkeypatch.setattr(perf.time, "perf_counter", lambda: clock.t)
-    rows = {r["method"]: r for r in perf.paired_ratios(["cd"], 8, 4, "cpu", rounds=5, warmup=1)}
-    assert rows["lstm"]["vs_lstm"] == 1.0
-    assert rows["cd"]["vs_lstm"] == pytest.approx(0.8)
-    assert rows["cd"]["vs_lstm_of_medians"] == pytest.approx(0.8)
-    assert rows["cd"]["median_ms"] == pytest.approx(1250.0)
-    assert rows["cd"]["rounds"] == 5
+    monkeypatch.setattr("bench.perf.run.make_steps", lambda cfg, task: FakeSteps(costs[cfg.method]))
+    times = time_methods(["lstm", "cd"], 8, 4, "cpu", rounds=5, warmup=1, clock=clock)
+    assert times == {"lstm": [1.0] * 5, "cd": [1.25] * 5}
 
 
 def test_pairwise_ratios_are_taken_within_rounds():
-    from bench import perf
-
     # the machine halves its speed after round 2: per-round ratios stay exact,
     # the ratio of medians is what the drift leaves of it
-    times = {"lstm": [1.0, 1.0, 2.0, 2.0, 2.0], "cd": [1.1, 1.1, 2.2, 2.2, 2.2], "cdopt": [1.2, 1.2, 2.4, 2.4, 2.4]}
-    rows = {(r["method"], r["baseline"]): r for r in perf.pairwise_rows(times, hidden=8)}
+    times = {
+        "lstm": [1.0, 1.0, 2.0, 2.0, 2.0],
+        "cd": [1.1, 1.1, 2.2, 2.2, 2.2],
+        "cdopt": [1.2, 1.2, 2.4, 2.4, 2.4],
+    }
+    rows = {(r["method"], r["baseline"]): r for r in paired.pairwise_rows(times, hidden=8)}
     assert len(rows) == 6 and rows["cd", "cdopt"]["hidden"] == 8
     assert rows["cd", "cdopt"]["ratio"] == pytest.approx(1.2 / 1.1)
     assert rows["cdopt", "cd"]["ratio"] == pytest.approx(1.1 / 1.2)
@@ -205,45 +307,75 @@ def test_pairwise_ratios_are_taken_within_rounds():
 
 
 def test_load_results_pairs_each_round_with_the_lstm_step_before_it(tmp_path):
-    from bench import perf
-
     def bm(method, data, ref=None):
         info = dict(method=method, device="cpu", hidden=8, batch=4, kind="train", warmup=0, samples=4)
         if ref is not None:
             info["lstm_round_s"] = ref
-        return {"extra_info": info, "stats": {"median": sorted(data)[len(data) // 2], "rounds": len(data),
-                                              "data": data}}
+        return {
+            "extra_info": info,
+            "stats": {"median": sorted(data)[len(data) // 2], "rounds": len(data), "data": data},
+        }
 
     # lstm was timed while the machine was fast; cd's benchmark ran while it was twice as slow
     path = tmp_path / "b.json"
-    path.write_text(json.dumps({"benchmarks": [bm("lstm", [1.0, 1.0, 1.0]),
-                                               bm("cd", [2.2, 2.2, 2.2], ref=[2.0, 2.0, 2.0]),
-                                               bm("cdopt", [1.2, 1.2, 1.2])]}))
-    df = perf.load_results(path).set_index("method")
+    path.write_text(
+        json.dumps(
+            {
+                "benchmarks": [
+                    bm("lstm", [1.0, 1.0, 1.0]),
+                    bm("cd", [2.2, 2.2, 2.2], ref=[2.0, 2.0, 2.0]),
+                    bm("cdopt", [1.2, 1.2, 1.2]),
+                ]
+            }
+        )
+    )
+    df = report.load_results(path).set_index("method")
     assert df.loc["cd", "ratio_to_lstm"] == pytest.approx(2.2)  # unpaired: the drift shows
     assert df.loc["cd", "paired_vs_lstm"] == pytest.approx(2.0 / 2.2)  # paired: it cancels
     assert df.loc["lstm", "paired_vs_lstm"] == 1.0
     assert math.isnan(df.loc["cdopt", "paired_vs_lstm"])  # no lstm timings: not claimed
-    perf.plot_relative(df.reset_index(), tmp_path / "rel.png")
-    perf.plot_scaling(df.reset_index(), tmp_path / "scaling.png")
+    report.plot_relative(df.reset_index(), tmp_path / "rel.png")
+    report.plot_scaling(df.reset_index(), tmp_path / "scaling.png")
     assert (tmp_path / "rel.png").stat().st_size > 0 and (tmp_path / "scaling.png").stat().st_size > 0
 
 
-@pytest.mark.parametrize("args, named", [(["--hidden", "0"], "0"), (["--methods", "nosuch"], "nosuch"),
-                                         (["--rounds", "0"], "0"), (["--out", "/proc/cdbench"], "/proc/cdbench")])
-def test_perf_bad_input_is_one_line_and_exit_2(tmp_path, args, named):
-    proc = subprocess.run([sys.executable, "-m", "bench.perf", "--quick", *args], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2
-    lines = proc.stderr.strip().splitlines()
+@pytest.mark.parametrize(
+    "args, named",
+    [
+        (["--hidden", "0"], "hidden must be a positive integer; got '0'"),
+        (["--methods", "nosuch"], "unknown method 'nosuch'; allowed: lstm"),
+        (["--rounds", "0"], "rounds must be a positive integer; got '0'"),
+        (["--warmup", "-1"], "warmup must be a non-negative integer; got '-1'"),
+        (["--out", "/proc/cdbench"], "/proc/cdbench"),
+    ],
+)
+def test_perf_bad_input_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys, args, named):
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["--quick", *args]) == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("python -m bench.perf: error:") and named in lines[0]
-    assert "Traceback" not in proc.stderr and not (tmp_path / "results").exists()
+    assert "Traceback" not in err and not (tmp_path / "results").exists()
 
 
-def test_perf_paired_dry_run_prints_the_plan_and_writes_nothing(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "bench.perf", "--paired", "--methods", "cd", "--hidden", "16",
-                           "--batch", "8", "--dry-run", "--out", str(tmp_path / "p")], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    assert "lstm, cd x hidden 16 x batch 8" in proc.stdout and "estimate" in proc.stdout
+def test_perf_paired_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys):
+    assert (
+        cli.main(
+            [
+                "--paired",
+                "--methods",
+                "cd",
+                "--hidden",
+                "16",
+                "--batch",
+                "8",
+                "--dry-run",
+                "--out",
+                str(tmp_path / "p"),
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "lstm, cd x hidden 16 x batch 8" in out and "estimate" in out
     assert not (tmp_path / "p").exists()

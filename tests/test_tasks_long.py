@@ -1,7 +1,6 @@
 """The long-sequence tasks: psmnist, pmnist, copying, adding (bench.tasks)."""
 
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +12,6 @@ from bench import tasks
 from bench.runner import RunConfig, run_one
 
 REPO = Path(__file__).resolve().parents[1]
-DATA_DIR = Path(os.environ.get("BENCH_DATA_DIR") or REPO / ".." / "shared" / "data")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -25,14 +23,6 @@ def _one_thread():
     torch.set_num_threads(old)
 
 
-def _need_mnist():
-    raw = DATA_DIR / "MNIST" / "raw"
-    if not all((raw / f).is_file() or (raw / (f + ".gz")).is_file() for f in tasks.MNIST_FILES):
-        if os.environ.get("CI"):
-            pytest.fail(f"MNIST missing under {raw} (CI is set)")
-        pytest.skip(f"MNIST not found under {raw}; set BENCH_DATA_DIR")
-
-
 def test_copying_batch_layout():
     T, n = 7, 5
     x, y = tasks.copying_batch(n, torch.Generator().manual_seed(0), T)
@@ -42,9 +32,9 @@ def test_copying_batch_layout():
     tok = x.argmax(-1)
     symbols = tok[:, :10]
     assert ((symbols >= 1) & (symbols <= 8)).all()
-    assert (tok[:, 10:T + 9] == 0).all() and (tok[:, T + 9] == 9).all() and (tok[:, T + 10:] == 0).all()
-    assert (y[:, :T + 10] == 0).all()
-    assert torch.equal(y[:, T + 10:], symbols)  # the target really is the input symbols
+    assert (tok[:, 10 : T + 9] == 0).all() and (tok[:, T + 9] == 9).all() and (tok[:, T + 10 :] == 0).all()
+    assert (y[:, : T + 10] == 0).all()
+    assert torch.equal(y[:, T + 10 :], symbols)  # the target really is the input symbols
     assert int(y.max()) <= 8
 
 
@@ -67,7 +57,7 @@ def test_adding_batch():
     assert y.shape == (n,) and y.dtype == torch.float32
     v, m = x[..., 0], x[..., 1]
     assert ((v >= 0) & (v <= 1)).all()
-    assert (m[:, :T // 2].sum(1) == 1).all() and (m[:, T // 2:].sum(1) == 1).all()
+    assert (m[:, : T // 2].sum(1) == 1).all() and (m[:, T // 2 :].sum(1) == 1).all()
     assert torch.allclose((v * m).sum(1), y)
 
 
@@ -91,16 +81,15 @@ def test_permutation_is_fixed():
     assert out.stdout.strip() == str(perm.tolist())
 
 
-def test_pixel_mnist_shapes_and_permutation():
-    _need_mnist()
-    ps = tasks.load_task("psmnist", data_dir=DATA_DIR, train_subset=100, test_subset=50)
-    pm = tasks.load_task("pmnist", data_dir=DATA_DIR, train_subset=100, test_subset=50)
+def test_pixel_mnist_shapes_and_permutation(mnist_dir):
+    ps = tasks.load_task("psmnist", data_dir=mnist_dir, train_subset=100, test_subset=50)
+    pm = tasks.load_task("pmnist", data_dir=mnist_dir, train_subset=100, test_subset=50)
     for t in (ps, pm):
         assert (t.input_size, t.output_size, t.metric) == (1, 10, "acc")
         assert t.train[0].shape == (100, 784, 1) and t.test[0].shape == (50, 784, 1)
         assert t.train[0].dtype == torch.float32 and t.train[1].dtype == torch.int64
         assert 0 <= t.train[0].min() and t.train[0].max() <= 1
-    imgs = tasks._mnist(DATA_DIR)
+    imgs = tasks._mnist(mnist_dir)
     assert torch.equal(ps.test[0][:, :, 0], imgs["test_x"][:50].reshape(50, 784).float() / 255)
     perm = tasks.pmnist_permutation()
     for split in ("train", "test"):  # one permutation for both splits
@@ -110,25 +99,47 @@ def test_pixel_mnist_shapes_and_permutation():
 
 @pytest.mark.parametrize("task", ["psmnist", "pmnist", "copying", "adding"])
 @pytest.mark.parametrize("method", ["lstm", "cd"])
-def test_smoke_run(task, method):
-    if task.endswith("mnist"):
-        _need_mnist()
-    prof = dict(tasks.TASK_PROFILES[task]["smoke"])
+def test_smoke_run(task, method, request):
+    data_dir = request.getfixturevalue("mnist_dir") if task.endswith("mnist") else None
+    prof = dict(tasks.TASKS[task].profiles["smoke"])
     if task.endswith("mnist"):
         prof.update(train_subset=64, test_subset=64)
     cfg = RunConfig(method=method, task=task, penalty_param=0.5 if method == "cd" else None, **prof)
-    row, history = run_one(cfg, data_dir=DATA_DIR)
+    row, history = run_one(cfg, data_dir=data_dir)
     assert row["status"] == "ok", row.get("error")
     assert math.isfinite(row["test_metric"]) and len(history) == cfg.epochs
     assert row["metric"] == {"copying": "ce", "adding": "mse"}.get(task, "acc")
 
 
 def test_profiles_complete():
-    for name in ("psmnist", "pmnist", "copying", "adding"):
-        for prof in ("smoke", "quick", "paper"):
-            p = tasks.TASK_PROFILES[name][prof]
-            assert p["num_layers"] == 1 and p["bidirectional"] is False
+    for name, spec in tasks.TASKS.items():
+        assert set(spec.profiles) == set(tasks.PROFILES), name
+        for prof, p in spec.profiles.items():
+            # each profile sets every common field and the task's own options, nothing else
+            assert set(p) == {*tasks.PROFILE_FIELDS, *spec.options}, (name, prof)
             RunConfig(method="lstm", task=name, **p)  # every key is a RunConfig field
-    assert tasks.TASK_PROFILES["copying"]["paper"]["seq_len"] == 1000
-    assert tasks.TASK_PROFILES["copying"]["paper"]["hidden_size"] == 190
-    assert tasks.TASK_PROFILES["adding"]["paper"]["seq_len"] == 750
+            if name in ("psmnist", "pmnist", "copying", "adding"):
+                assert p["num_layers"] == 1 and p["bidirectional"] is False
+    assert tasks.TASKS["copying"].profiles["paper"]["seq_len"] == 1000
+    assert tasks.TASKS["copying"].profiles["paper"]["hidden_size"] == 190
+    assert tasks.TASKS["adding"].profiles["paper"]["seq_len"] == 750
+    assert tasks.TASKS["smnist"].profiles["paper"] == dict(
+        num_layers=2,
+        hidden_size=100,
+        bidirectional=True,
+        epochs=10,
+        batch_size=64,
+        lr=5e-4,
+        train_subset=None,
+        test_subset=None,
+        perf_iters=50,
+    )  # the reference notebook
+
+
+@pytest.mark.parametrize(
+    "task,option",
+    [("digits", "seq_len"), ("smnist", "seq_len"), ("copying", "seqlen"), ("adding", "train_subsets")],
+)
+def test_unknown_task_option_raises_naming_it_and_the_allowed(task, option):
+    with pytest.raises(ValueError, match=f"task '{task}' takes no option '{option}'; allowed: train_subset"):
+        tasks.load_task(task, **{option: 10})

@@ -1,0 +1,110 @@
+"""The learning contract: every registered method learns (issue 11, item 6).
+
+Each method, at each granularity it supports, trains the ``smoke`` profile of ``digits``
+(scikit-learn's 8 x 8 digits: no files, seconds per run) through the real trainer
+(:func:`bench.runner.run_one`) and must
+
+* reach test accuracy >= 80 % (chance is 10 %);
+* lower its training loss from the first epoch to the last;
+* move every recurrent weight: ``recurrent_change`` (min over recurrent weights of
+  ||W_end - W_0||_F / ||W_0||_F, effective weights) >= 5 %;
+* if constrained: keep the accuracy within 1 point after exact projection onto the
+  manifold, and feasibility of the weights the forward uses within ``Method.tolerance``.
+
+Accuracy alone would not catch a method whose recurrent weights never move: the input
+weights and the head learn digits around a frozen orthogonal recurrence.
+``test_a_frozen_recurrence_breaks_the_contract`` registers such a variant and shows that
+the contract fails for it, and for the right reason.
+"""
+
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from bench import methods
+from bench.methods import METHODS, Method
+from bench.runner import RunConfig, run_one
+from bench.tasks import TASKS
+
+MIN_ACC = 0.80
+MAX_PROJECTION_DROP = 0.01
+MIN_RECURRENT_CHANGE = 0.05
+CASES = [(m, g) for m, spec in METHODS.items() for g in spec.granularities]
+
+
+def smoke_config(method: str, granularity: str = "stacked") -> RunConfig:
+    return RunConfig(
+        method=method,
+        task="digits",
+        granularity=granularity,
+        profile="smoke",
+        penalty_param=0.5 if METHODS[method].uses_penalty else None,
+        **TASKS["digits"].profiles["smoke"],
+    )
+
+
+def check_contract(method: Method, row: dict, history: list[dict]) -> None:
+    """Assert the learning contract for one finished run (messages name what failed)."""
+    assert row["status"] == "ok", row["error"]
+    name = f"{method.name} ({row['granularity']})"
+    assert row["test_acc"] >= MIN_ACC, f"{name}: test accuracy {row['test_acc']:.3f} < {MIN_ACC}"
+    first, last = history[0]["train_loss"], history[-1]["train_loss"]
+    assert last < first and last < math.log(10), (
+        f"{name}: training loss did not fall ({first:.3f} -> {last:.3f})"
+    )
+    assert row["recurrent_change"] >= MIN_RECURRENT_CHANGE, (
+        f"{name}: the recurrent weights did not move (relative change {row['recurrent_change']:.2e} < "
+        f"{MIN_RECURRENT_CHANGE})"
+    )
+    if method.constrained:
+        drop = row["test_acc"] - row["test_acc_projected"]
+        assert abs(drop) <= MAX_PROJECTION_DROP, (
+            f"{name}: accuracy moves by {drop:.3f} after exact projection"
+        )
+        assert row["feasibility_eff"] <= method.tolerance, (
+            f"{name}: feasibility {row['feasibility_eff']:.2e} above the method's tolerance "
+            f"{method.tolerance:.0e}"
+        )
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # tiny models: a second OpenMP thread only adds contention (and the result is then the
+    # same on every machine, as the Dask workers run it)
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.mark.parametrize("method,granularity", CASES, ids=[f"{m}-{g}" for m, g in CASES])
+def test_every_method_learns(method, granularity):
+    if not METHODS[method].available():
+        pytest.skip(f"{method} needs {METHODS[method].requires}")
+    row, history = run_one(smoke_config(method, granularity))
+    check_contract(METHODS[method], row, history)
+
+
+def _frozen_cd(lstm, cfg):
+    """cd whose optimiser skips the recurrent weights (they never move)."""
+    built = methods.build_cd(lstm, cfg)
+    frozen = {id(r) for r, _ in built.weights().values()}
+
+    def optimizer(model):
+        return torch.optim.Adam([p for p in model.parameters() if id(p) not in frozen], lr=cfg.lr)
+
+    return dataclasses.replace(built, optimizer=optimizer)
+
+
+def test_a_frozen_recurrence_breaks_the_contract(monkeypatch):
+    frozen = dataclasses.replace(METHODS["cd"], name="cd_frozen", build=_frozen_cd)
+    monkeypatch.setitem(METHODS, "cd_frozen", frozen)
+    row, history = run_one(smoke_config("cd_frozen"))
+    assert row["status"] == "ok" and row["recurrent_change"] == 0.0
+    # accuracy, loss, projection and feasibility alone would let it pass ...
+    assert row["test_acc"] >= MIN_ACC and history[-1]["train_loss"] < history[0]["train_loss"]
+    # ... the contract does not
+    with pytest.raises(AssertionError, match="the recurrent weights did not move"):
+        check_contract(frozen, row, history)
