@@ -15,9 +15,10 @@ Hu, Xiao, Liu, Toh, arXiv:2205.10500).
 What the classes guarantee (tested in tests/test_rnn.py and, against a from-scratch
 reference over random sequences of operations, tests/test_rnn_stateful.py):
 
-* nothing is cached between calls: every forward and every ``quad_penalty`` call recomputes
-  from the current weights, whatever changed them (optimisers, fused or not, ``.data``,
-  ``copy_``, ``set_``, ``load_state_dict``, ``.to()``);
+* nothing stale is ever handed out: every ``quad_penalty`` call and every forward with
+  autograd recomputes from the current weights, whatever changed them (optimisers, fused or
+  not, ``.data``, ``copy_``, ``set_``, ``load_state_dict``, ``.to()``); the one cache, A(W) for
+  no-grad forwards on CPU, is keyed on the bits of the raw weights (see ``_NoGradCache``);
 * every parameter behaves as in the plain module: ``torch.func.functional_call`` with any
   subset of parameters swapped, parametrisations registered on non-recurrent weights,
   ``torch.func`` transforms, ``torch.compile``, ``torch.jit.trace``;

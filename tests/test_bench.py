@@ -113,7 +113,7 @@ def test_smoke_sweep_on_real_mnist_end_to_end(mnist_dir, tmp_path):
     meta = json.loads((out / "meta.json").read_text())
     assert meta["command"].startswith("python -m bench.ablate --penalty 0.1 0.5 1.0")
     assert meta["torch_version"] == torch.__version__ and meta["cpu_count"] >= 1
-    for png in ["metric_vs_penalty.png", "feasibility_vs_epoch.png", "throughput.png", "confusion_cd.png"]:
+    for png in ["metric_vs_penalty.png", "curves_smnist.png", "throughput.png", "confusion_cd.png"]:
         assert (out / png).stat().st_size > 1000
     summary = (out / "summary.md").read_text()
     assert "| cd" in summary and "![throughput.png](throughput.png)" in summary
