@@ -377,7 +377,10 @@ def test_issue_13_acceptance_command(tmp_path):
     for m in runs["method"].unique():
         for c in CELLS:
             assert (out / f"confusion_{m}_{c}.png").is_file()
-    assert "cell=gru" in (out / "summary.md").read_text()
+    summary = (out / "summary.md").read_text()
+    header = next(ln for ln in summary.splitlines() if ln.startswith("| method"))
+    assert "| cell" in header and "| gru " in summary and "| rnn " in summary  # a column per configuration
+    assert (out / "metric_vs_cell.png").stat().st_size > 1000  # the cell drawn as a swept axis
 
 
 def test_readme_sweep_commands_parse_and_plan(monkeypatch):
