@@ -3,8 +3,11 @@
 Usage::
 
     python -m bench.ablate --penalty 0.1 0.5 1.0                 # every method, notebook setting
-    python -m bench.ablate --profile smoke --methods lstm cd --data-dir ../shared/data
+    python -m bench.ablate --profile smoke --methods unconstrained cd --data-dir ../shared/data
+    python -m bench.ablate --profile smoke --task digits --cell lstm gru rnn
     python -m bench.ablate --list-methods                        # the registry: maths and references
+
+``--methods lstm`` means ``unconstrained`` (the method's name in 0.1.0).
 
 The grid is the cartesian product of the list-valued flags; ``--penalty`` multiplies
 only the methods that use a penalty.  Flags left out take the task's profile
@@ -19,6 +22,7 @@ Exit status: 0 when every planned run is ``ok``, 3 when some diverged or failed,
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import shlex
 import sys
@@ -26,10 +30,11 @@ from pathlib import Path
 
 import torch
 
+from .cells import CELLS, DEFAULT_CELL, DEFAULT_INIT, GATES, INITS, NONLINEARITIES
 from .cli import Parser, choice, number
 from .errors import DataError, FolderBusy, UsageError
 from .executors import make_executor
-from .methods import METHODS
+from .methods import ALIASES, METHODS, OPTIMIZERS
 from .provenance import environment, git_commit, utc_now, write_meta
 from .runner import RunConfig, get_task
 from .store import ResultStore
@@ -48,7 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     positive = lambda name: number(name, int, minimum=0, strict=True)  # noqa: E731
-    p.add_argument("--methods", nargs="+", type=choice("method", METHODS), help="default: all")
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        type=choice("method", METHODS, ALIASES),
+        help="default: all (lstm is an alias of unconstrained)",
+    )
     p.add_argument("--task", nargs="+", type=choice("task", TASKS), help=f"default: {DEFAULT_TASK}")
     p.add_argument(
         "--profile",
@@ -84,6 +94,31 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         type=choice("granularity", ["stacked", "per_gate"]),
         help="default: stacked",
+    )
+    p.add_argument(
+        "--cell",
+        nargs="+",
+        type=choice("cell", CELLS),
+        help=f"recurrent cell(s): {', '.join(CELLS)}; default: {DEFAULT_CELL}",
+    )
+    p.add_argument(
+        "--nonlinearity",
+        nargs="+",
+        type=choice("nonlinearity", NONLINEARITIES),
+        help="the rnn cell's nonlinearity (tanh, relu; --cell rnn only); default: tanh",
+    )
+    p.add_argument(
+        "--init",
+        nargs="+",
+        type=choice("init", INITS),
+        help="initialisation of the recurrent weights, the same for every method (default: PyTorch's; "
+        "orthogonal, henaff, cayley: see bench.cells)",
+    )
+    p.add_argument(
+        "--optimizer",
+        nargs="+",
+        type=choice("optimizer", OPTIMIZERS),
+        help="optimiser of the whole model (adam, rmsprop; cayley: its Riemannian version); default: adam",
     )
     p.add_argument("--bidirectional", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument(
@@ -139,11 +174,16 @@ def list_methods() -> str:
         if m.uses_penalty:
             kind += ", uses penalty_param"
         missing = "" if m.available() else f"; needs {m.requires!r} (not installed)"
+        alias = "".join(f"; alias {a}" for a, v in ALIASES.items() if v == m.name)
         lines += [
-            f"{m.name}  ({kind}; granularity {', '.join(m.granularities)}{missing})",
+            f"{m.name}  ({kind}; granularity {', '.join(m.granularities)}{alias}{missing})",
             f"    {m.math}",
             f"    {m.reference}",
         ]
+    lines.append(
+        f"Every method runs on every cell ({', '.join(CELLS)}; --cell); a vanilla rnn has no gates: "
+        f"granularity stacked only."
+    )
     return "\n".join(lines)
 
 
@@ -186,6 +226,9 @@ def make_plan(args) -> tuple[list[RunConfig], list[str], str]:
             f"--seq-len applies to tasks {', '.join(_tasks_with('seq_len'))} only; got --task "
             f"{' '.join(tasks)}"
         )
+    cell_list = list(dict.fromkeys(args.cell or [DEFAULT_CELL]))
+    if args.nonlinearity and "rnn" not in cell_list:
+        raise UsageError(f"--nonlinearity applies to --cell rnn only; got --cell {' '.join(cell_list)}")
     plan = []
     for task in tasks:
         spec = TASKS[task]
@@ -201,6 +244,9 @@ def make_plan(args) -> tuple[list[RunConfig], list[str], str]:
 
         seq_lens = pick("seq_len", "seq_len") if "seq_len" in spec.options else [None]
         grid = itertools.product(
+            cell_list,
+            args.init or [DEFAULT_INIT],
+            args.optimizer or ["adam"],
             avail,
             pick("layers", "num_layers"),
             pick("hidden", "hidden_size"),
@@ -213,14 +259,24 @@ def make_plan(args) -> tuple[list[RunConfig], list[str], str]:
             args.granularity or ["stacked"],
             seq_lens,
         )
-        for m, layers, hidden, dev, seed, epochs, bs, lr, lrc, gran, seq_len in grid:
+        for cell, init, opt, m, layers, hidden, dev, seed, epochs, bs, lr, lrc, gran, seq_len in grid:
             meth = METHODS[m]
-            if gran not in meth.granularities:
+            note = None
+            if gran != "stacked" and GATES[cell] == 1:
+                note = (
+                    f"cell {cell} skipped for granularity {gran}: a vanilla rnn has no gates (its H x H "
+                    f"recurrent weight is one block: stacked only)"
+                )
+            elif gran not in meth.granularities:
                 note = f"method {m} skipped for granularity {gran}: supports {', '.join(meth.granularities)}"
+            if note is not None:
                 if note not in notices:
                     notices.append(note)
                 continue
-            for pen in (args.penalty or [0.5]) if meth.uses_penalty else [None]:
+            nonlinearities = (args.nonlinearity or ["tanh"]) if cell == "rnn" else ["tanh"]
+            for pen, nonlin in itertools.product(
+                (args.penalty or [0.5]) if meth.uses_penalty else [None], nonlinearities
+            ):
                 plan.append(
                     RunConfig(
                         method=m,
@@ -241,6 +297,10 @@ def make_plan(args) -> tuple[list[RunConfig], list[str], str]:
                         test_subset=single("test_subset", "test_subset"),
                         seq_len=seq_len,
                         perf_iters=single("perf_iters", "perf_iters"),
+                        cell=cell,
+                        init=init,
+                        optimizer=opt,
+                        nonlinearity=nonlin,
                     )
                 )
     seen, unique = set(), []
@@ -249,6 +309,9 @@ def make_plan(args) -> tuple[list[RunConfig], list[str], str]:
             seen.add(cfg.run_id)
             unique.append(cfg)
     return unique, notices, profile
+
+
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(RunConfig)}
 
 
 def _print_plan(plan, done, notices, out):
@@ -261,10 +324,15 @@ def _print_plan(plan, done, notices, out):
     for c in plan:
         mark = "skip" if c.run_id in done else "run "
         pen = "" if c.penalty_param is None else f" penalty_param={c.penalty_param:g}"
+        cell = f"{c.cell}({c.nonlinearity})" if c.cell == "rnn" else c.cell
+        extra = "".join(
+            f" {k}={v}" for k, v in (("init", c.init), ("optimizer", c.optimizer)) if v != _DEFAULTS[k]
+        )
+        lrc = "" if c.lr_constrained is None else f" lr_constrained={c.lr_constrained:g}"
         print(
-            f"  {mark} {c.run_id} {c.method:<16} {c.task} L={c.num_layers} H={c.hidden_size} "
+            f"  {mark} {c.run_id} {c.method:<16} {cell:<9} {c.task} L={c.num_layers} H={c.hidden_size} "
             f"{'bi' if c.bidirectional else 'uni'} {c.granularity}{pen} seed={c.seed} epochs={c.epochs} "
-            f"bs={c.batch_size} lr={c.lr:g} {c.device}"
+            f"bs={c.batch_size} lr={c.lr:g}{lrc}{extra} {c.device}"
         )
     return todo
 

@@ -63,13 +63,26 @@ def number(name: str, kind: type = int, *, minimum: float | None = None, strict:
     return parse
 
 
-def choice(name: str, allowed):
-    """An argparse ``type`` accepting one of ``allowed``; its error lists them."""
-    allowed = list(allowed)
+def choice(name: str, allowed, aliases=None):
+    """An argparse ``type`` accepting one of ``allowed``, or an alias (``{alias: allowed value}``),
+    returned as the value it stands for; its error lists both.
+
+    Examples
+    --------
+    >>> choice("method", ["unconstrained", "cd"], {"lstm": "unconstrained"})("lstm")
+    'unconstrained'
+    >>> choice("method", ["unconstrained", "cd"], {"lstm": "unconstrained"})("x")
+    Traceback (most recent call last):
+    argparse.ArgumentTypeError: unknown method 'x'; allowed: unconstrained, cd (lstm: alias of unconstrained)
+    """
+    allowed, aliases = list(allowed), dict(aliases or {})
 
     def parse(s: str):
+        if s in aliases:
+            return aliases[s]
         if s not in allowed:
-            raise argparse.ArgumentTypeError(f"unknown {name} {s!r}; allowed: {', '.join(allowed)}")
+            also = "".join(f" ({a}: alias of {v})" for a, v in aliases.items())
+            raise argparse.ArgumentTypeError(f"unknown {name} {s!r}; allowed: {', '.join(allowed)}{also}")
         return s
 
     return parse

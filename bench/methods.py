@@ -1,7 +1,8 @@
 """The method registry: each way of keeping the recurrent weights orthogonal.
 
-A method turns the plain initial ``nn.LSTM`` of a run into its own recurrent module
-and says how to optimise it.  The trainer (:mod:`bench.runner`) only sees
+A method turns the plain initial recurrent module of a run (``nn.LSTM``, ``nn.GRU`` or
+``nn.RNN``: the run's ``cell``, see :mod:`bench.cells`) into its own recurrent module and
+says how to optimise it.  The trainer (:mod:`bench.runner`) only sees
 :class:`Method` (what the method is) and :class:`Built` (one model of it) and never
 asks which method it runs:
 
@@ -13,9 +14,15 @@ asks which method it runs:
 * ``Built.counters(optimizer)``: the optimiser's own counts (e.g. re-projections);
 * ``Built.constraint_work()``: the constraint's arithmetic of one step, timed alone.
 
-Every method receives the same unconstrained initial weights for a given seed;
-constrained methods project their recurrent weights onto the manifold when attaching.
+Every method receives the same unconstrained initial weights for a given seed (and
+``--init``); constrained methods project their recurrent weights onto the manifold when
+attaching.  Every method optimises the whole model with ``cfg.optimizer`` (Adam or RMSprop,
+:func:`make_optimizer`), the constrained weights in their own group at ``lr_constrained``.
 ``python -m bench.ablate --list-methods`` prints the registry.
+
+Names: the unconstrained baseline is ``unconstrained``; in 0.1.0 it was called ``lstm``,
+which stays an alias: ``METHODS["lstm"]``, ``"lstm" in METHODS``, :func:`canonical` and every
+command line accept it (iterating ``METHODS`` yields canonical names only).
 """
 
 from __future__ import annotations
@@ -33,7 +40,19 @@ import cdcore
 from cdcore import stiefel
 from cdcore.dissolving import project, to_blocks
 
-__all__ = ["METHODS", "Built", "Method", "hh_names", "plain_projected"]
+from .cells import plain_class, recurrent_names
+
+__all__ = [
+    "ALIASES",
+    "METHODS",
+    "OPTIMIZERS",
+    "Built",
+    "Method",
+    "canonical",
+    "hh_names",
+    "make_optimizer",
+    "plain_projected",
+]
 
 
 def _no_counters(optimizer: torch.optim.Optimizer) -> dict[str, int]:
@@ -48,15 +67,16 @@ class Built:
     ----------
     rnn : nn.Module
         The recurrent module, called as ``rnn(x)`` with batch-first input (N, T, F);
-        returns ``(output, state)`` like ``nn.LSTM``.
+        returns ``(output, state)`` like the plain module of its cell.
     optimizer : callable
         ``optimizer(model) -> torch.optim.Optimizer`` for the whole model (rnn and head).
     weights : callable
         ``weights() -> {name: (raw, effective)}`` of the recurrent weights, raw being
         what the optimiser moves and effective what the forward uses (the same tensor
-        for methods without a map), each (4H, H).
+        for methods without a map), each (g H, H) (g = 4 LSTM, 3 GRU, 1 RNN).
     project : callable
-        ``project() -> nn.Module``: a new plain recurrent module (``nn.LSTM``) holding the
+        ``project() -> nn.Module``: a new plain recurrent module of the cell (``nn.LSTM``,
+        ``nn.GRU`` or ``nn.RNN``, same nonlinearity) holding the
         trained weights, its recurrent weights replaced by their exact projection onto
         the manifold (polar factor, per gate block for ``per_gate``); the model is not
         changed.  For an unconstrained method this changes what the model computes (the
@@ -98,14 +118,15 @@ class Method:
     reference : str
         Paper(s) and implementation (``--list-methods``).
     build : callable
-        ``build(lstm, cfg) -> Built`` from the plain initial ``nn.LSTM`` and the
-        :class:`bench.runner.RunConfig`.
+        ``build(rnn, cfg) -> Built`` from the plain initial module of the run's cell
+        (``nn.LSTM``, ``nn.GRU`` or ``nn.RNN``) and the :class:`bench.runner.RunConfig`.
     constrained : bool
         True when the recurrent weights are kept on (or pulled to) the manifold.
     uses_penalty : bool
         True when ``penalty_param`` applies (the sweep multiplies only these by ``--penalty``).
     granularities : tuple of str
-        The granularities the method supports.
+        The granularities the method supports (for a gated cell; a vanilla RNN has no gates and
+        runs ``stacked`` only).
     requires : str or None
         An optional package the method needs; without it the sweep skips the method.
     tolerance : float or None
@@ -117,7 +138,7 @@ class Method:
     name: str
     math: str
     reference: str
-    build: Callable[[nn.LSTM, object], Built]
+    build: Callable[[nn.RNNBase, object], Built]
     constrained: bool = True
     uses_penalty: bool = False
     granularities: tuple[str, ...] = ("stacked", "per_gate")
@@ -129,17 +150,44 @@ class Method:
         return self.requires is None or importlib.util.find_spec(self.requires) is not None
 
 
-def hh_names(lstm: nn.LSTM) -> list[str]:
-    """Names of the recurrent weights ``weight_hh_l{k}[_reverse]`` of ``lstm``."""
-    return [n for n in lstm._flat_weights_names if n.startswith("weight_hh_l")]
+class _Registry(dict):
+    """``{name: Method}`` that also answers to the old names in :data:`ALIASES` (lookups and
+    ``in``); iteration, ``keys()`` and ``items()`` give the canonical names only."""
+
+    def __getitem__(self, name):
+        return super().__getitem__(ALIASES.get(name, name))
+
+    def __contains__(self, name):
+        return super().__contains__(ALIASES.get(name, name))
+
+    def get(self, name, default=None):
+        return super().get(ALIASES.get(name, name), default)
 
 
-def plain_projected(rnn: nn.Module, recurrent: dict[str, Tensor], granularity: str) -> nn.LSTM:
-    """A new ``nn.LSTM`` shaped like ``rnn``: the weights in ``recurrent`` projected
-    exactly onto the manifold (polar factor, :func:`cdcore.dissolving.project`), every
-    other weight copied from ``getattr(rnn, name)``.  Same device and dtype."""
+#: old method name -> its canonical name (``lstm`` meant "no constraint" before the GRU and RNN cells)
+ALIASES = {"lstm": "unconstrained"}
+#: canonical name -> the name the run_ids of 0.1.0 hashed (so results folders keep their run_ids)
+LEGACY_NAMES = {v: k for k, v in ALIASES.items()}
+
+
+def canonical(name: str) -> str:
+    """The canonical method name of ``name`` (an alias of :data:`ALIASES`, or ``name`` itself)."""
+    return ALIASES.get(name, name)
+
+
+def hh_names(rnn: nn.RNNBase) -> list[str]:
+    """Names of the recurrent weights ``weight_hh_l{k}[_reverse]`` of ``rnn``."""
+    return recurrent_names(rnn)
+
+
+def plain_projected(rnn: nn.Module, recurrent: dict[str, Tensor], granularity: str) -> nn.RNNBase:
+    """A new plain module of ``rnn``'s cell (``nn.LSTM``, ``nn.GRU``, ``nn.RNN`` with the same
+    nonlinearity) shaped like ``rnn``: the weights in ``recurrent`` projected exactly onto the
+    manifold (polar factor, :func:`cdcore.dissolving.project`), every other weight copied from
+    ``getattr(rnn, name)``.  Same device and dtype."""
     ref = next(rnn.parameters())
-    plain = nn.LSTM(
+    cls, extra = plain_class(rnn)
+    plain = cls(
         rnn.input_size,
         rnn.hidden_size,
         rnn.num_layers,
@@ -148,6 +196,7 @@ def plain_projected(rnn: nn.Module, recurrent: dict[str, Tensor], granularity: s
         bidirectional=rnn.bidirectional,
         device=ref.device,
         dtype=ref.dtype,
+        **extra,
     )
     with torch.no_grad():
         for n in plain._flat_weights_names:
@@ -170,33 +219,61 @@ def _split_params(model: nn.Module, constrained: list[Tensor]):
     return [p for p in model.parameters() if id(p) not in ids]
 
 
-def _adam(model, constrained, cfg):
-    """Adam with the constrained weights in their own group (lr_constrained)."""
+#: ``--optimizer`` -> (the torch optimiser, the Riemannian one of the ``cayley`` method)
+OPTIMIZERS = {
+    "adam": (torch.optim.Adam, cdcore.optim.CayleyAdam),
+    "rmsprop": (torch.optim.RMSprop, cdcore.optim.CayleyRMSprop),
+}
+
+
+def make_optimizer(model: nn.Module, constrained: list[Tensor], cfg, stiefel_group: dict | None = None):
+    """The optimiser of a whole model: ``cfg.optimizer`` (Adam or RMSprop, PyTorch's defaults
+    besides the learning rate) at ``cfg.lr``, the ``constrained`` weights in a second group at
+    ``cfg.lr_constrained`` (``cfg.lr`` when None).
+
+    ``stiefel_group``: for a Riemannian method, the options that mark the constrained group as
+    Stiefel parameters (e.g. ``{"stiefel": True, "granularity": ...}``); the optimiser is then
+    the matching Cayley optimiser of :mod:`cdcore.optim` (``CayleyAdam``, ``CayleyRMSprop``),
+    whose Euclidean groups get exactly the torch update.  Without constrained weights the model
+    is one group (what ``torch.optim.Adam(model.parameters(), lr)`` builds).
+
+    Raises
+    ------
+    ValueError
+        ``cfg.optimizer`` not in :data:`OPTIMIZERS`.
+    """
+    if cfg.optimizer not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {cfg.optimizer!r}; allowed: {', '.join(OPTIMIZERS)}")
+    euclidean, riemannian = OPTIMIZERS[cfg.optimizer]
     groups = [{"params": _split_params(model, constrained)}]
     if constrained:
-        groups.append({"params": constrained, "lr": cfg.lr_constrained or cfg.lr})
-    return torch.optim.Adam(groups, lr=cfg.lr)
+        groups.append({"params": constrained, "lr": cfg.lr_constrained or cfg.lr, **(stiefel_group or {})})
+    return (riemannian if stiefel_group else euclidean)(groups, lr=cfg.lr)
 
 
 # ---------------------------------------------------------------------------------------
 
 
-def build_lstm(lstm: nn.LSTM, cfg) -> Built:
-    names = hh_names(lstm)
+def build_unconstrained(rnn: nn.RNNBase, cfg) -> Built:
+    names = hh_names(rnn)
 
     def weights():
-        return {n: (getattr(lstm, n), getattr(lstm, n)) for n in names}
+        return {n: (getattr(rnn, n), getattr(rnn, n)) for n in names}
 
     return Built(
-        rnn=lstm,
-        optimizer=lambda model: torch.optim.Adam(model.parameters(), lr=cfg.lr),
+        rnn=rnn,
+        optimizer=lambda model: make_optimizer(model, [], cfg),
         weights=weights,
-        project=lambda: plain_projected(lstm, {n: e for n, (_, e) in weights().items()}, cfg.granularity),
+        project=lambda: plain_projected(rnn, {n: e for n, (_, e) in weights().items()}, cfg.granularity),
     )
 
 
-# The lines of build_cd that know cdcore's StiefelLSTM API (where the raw recurrent weights
-# live, how A(W) and the penalty are computed together): the only ones to adapt when it changes.
+# The lines of build_cd that know cdcore's Stiefel modules' API (which class per cell, where the
+# raw recurrent weights live, how A(W) and the penalty are computed together): the only ones
+# to adapt when it changes.
+_CD_CLASSES = {nn.LSTM: cdcore.StiefelLSTM, nn.GRU: cdcore.StiefelGRU, nn.RNN: cdcore.StiefelRNN}
+
+
 def _cd_raws(rnn) -> list[Tensor]:
     return [getattr(rnn, n) for n in rnn.dissolved_names]  # the raw weights W (plain parameters)
 
@@ -205,8 +282,9 @@ def _cd_effective(rnn) -> tuple[list[Tensor], Tensor]:
     return rnn.effective_weights()
 
 
-def build_cd(lstm: nn.LSTM, cfg) -> Built:
-    rnn = cdcore.StiefelLSTM.from_lstm(lstm, penalty_param=cfg.penalty_param, granularity=cfg.granularity)
+def build_cd(plain: nn.RNNBase, cfg) -> Built:
+    cls = _CD_CLASSES[plain_class(plain)[0]]
+    rnn = cls.from_plain(plain, penalty_param=cfg.penalty_param, granularity=cfg.granularity)
     raws = _cd_raws(rnn)
 
     def weights():
@@ -219,38 +297,38 @@ def build_cd(lstm: nn.LSTM, cfg) -> Built:
 
     return Built(
         rnn=rnn,
-        optimizer=lambda model: _adam(model, raws, cfg),
+        optimizer=lambda model: make_optimizer(model, raws, cfg),
         weights=weights,
-        project=rnn.to_lstm,
+        project=rnn.to_plain,
         penalty=lambda: cdcore.quad_penalty(rnn),
         constraint_work=work,
     )
 
 
 def _geotorch(triv: str):
-    def build(lstm: nn.LSTM, cfg) -> Built:
+    def build(plain: nn.RNNBase, cfg) -> Built:
         import geotorch
 
-        names = hh_names(lstm)
-        init = {n: stiefel.projx(getattr(lstm, n).detach()) for n in names}
+        names = hh_names(plain)
+        init = {n: stiefel.projx(getattr(plain, n).detach()) for n in names}
         with torch.random.fork_rng(devices=[init[names[0]].device] if init[names[0]].is_cuda else []):
             for n in names:
-                geotorch.orthogonal(lstm, n, triv=triv)
-                setattr(lstm, n, init[n])  # same start as every other method
-        originals = [lstm.parametrizations[n].original for n in names]
+                geotorch.orthogonal(plain, n, triv=triv)
+                setattr(plain, n, init[n])  # same start as every other method
+        originals = [plain.parametrizations[n].original for n in names]
 
         def weights():
-            return {n: (getattr(lstm, n), getattr(lstm, n)) for n in names}
+            return {n: (getattr(plain, n), getattr(plain, n)) for n in names}
 
         def work():
-            eff = [getattr(lstm, n) for n in names]
+            eff = [getattr(plain, n) for n in names]
             torch.autograd.grad(eff, originals, list(map(_upstream, eff)))
 
         return Built(
-            rnn=lstm,
-            optimizer=lambda model: _adam(model, originals, cfg),
+            rnn=plain,
+            optimizer=lambda model: make_optimizer(model, originals, cfg),
             weights=weights,
-            project=lambda: plain_projected(lstm, {n: getattr(lstm, n) for n in names}, cfg.granularity),
+            project=lambda: plain_projected(plain, {n: getattr(plain, n) for n in names}, cfg.granularity),
             constraint_work=work,
             context=parametrize.cached,
         )
@@ -258,27 +336,16 @@ def _geotorch(triv: str):
     return build
 
 
-def build_cayley(lstm: nn.LSTM, cfg) -> Built:
-    names = hh_names(lstm)
+def build_cayley(plain: nn.RNNBase, cfg) -> Built:
+    names = hh_names(plain)
     with torch.no_grad():
         for n in names:
-            w = getattr(lstm, n)
+            w = getattr(plain, n)
             w.copy_(project(w, cfg.granularity))
-    hh = [getattr(lstm, n) for n in names]
+    hh = [getattr(plain, n) for n in names]
 
     def optimizer(model):
-        return cdcore.optim.CayleyAdam(
-            [
-                {"params": _split_params(model, hh)},
-                {
-                    "params": hh,
-                    "stiefel": True,
-                    "granularity": cfg.granularity,
-                    "lr": cfg.lr_constrained or cfg.lr,
-                },
-            ],
-            lr=cfg.lr,
-        )
+        return make_optimizer(model, hh, cfg, stiefel_group={"stiefel": True, "granularity": cfg.granularity})
 
     def work():
         X = to_blocks(torch.stack(hh), cfg.granularity).flatten(0, 1).detach()
@@ -290,36 +357,39 @@ def build_cayley(lstm: nn.LSTM, cfg) -> Built:
         stiefel.retr_cayley(X, stiefel.proju(X, -1e-3 * G))
 
     return Built(
-        rnn=lstm,
+        rnn=plain,
         optimizer=optimizer,
-        weights=lambda: {n: (getattr(lstm, n),) * 2 for n in names},
-        project=lambda: plain_projected(lstm, dict(zip(names, hh)), cfg.granularity),
+        weights=lambda: {n: (getattr(plain, n),) * 2 for n in names},
+        project=lambda: plain_projected(plain, dict(zip(names, hh)), cfg.granularity),
         constraint_work=work,
         counters=lambda opt: {"reprojections": opt.reprojections()},
     )
 
 
-def build_cdopt(lstm: nn.LSTM, cfg) -> Built:
+def build_cdopt(plain: nn.RNNBase, cfg) -> Built:
     import cdopt.nn as cdnn
     from cdopt.manifold_torch import stiefel_torch
 
-    ref = next(lstm.parameters())
+    kind, extra = plain_class(plain)  # RNN_cdopt takes nonlinearity (tanh or relu) as nn.RNN does
+    cls = {nn.LSTM: cdnn.LSTM_cdopt, nn.GRU: cdnn.GRU_cdopt, nn.RNN: cdnn.RNN_cdopt}[kind]
+    ref = next(plain.parameters())
     with torch.random.fork_rng(devices=[ref.device] if ref.is_cuda else []):
-        rnn = cdnn.LSTM_cdopt(
-            lstm.input_size,
-            lstm.hidden_size,
-            lstm.num_layers,
-            batch_first=lstm.batch_first,
-            bidirectional=lstm.bidirectional,
+        rnn = cls(
+            plain.input_size,
+            plain.hidden_size,
+            plain.num_layers,
+            batch_first=plain.batch_first,
+            bidirectional=plain.bidirectional,
             manifold_class=stiefel_torch,
             penalty_param=cfg.penalty_param,
             device=ref.device,
             dtype=ref.dtype,
+            **extra,
         )
-    names = hh_names(lstm)
+    names = hh_names(plain)
     with torch.no_grad():
         for n in rnn._flat_weights_names:
-            src = getattr(lstm, n)
+            src = getattr(plain, n)
             getattr(rnn, n).copy_(stiefel.projx(src) if n in names else src)
     raws = [getattr(rnn, n) for n in names]
 
@@ -334,7 +404,7 @@ def build_cdopt(lstm: nn.LSTM, cfg) -> Built:
 
     return Built(
         rnn=rnn,
-        optimizer=lambda model: _adam(model, raws, cfg),
+        optimizer=lambda model: make_optimizer(model, raws, cfg),
         weights=weights,
         project=lambda: plain_projected(rnn, {n: e for n, (_, e) in weights().items()}, cfg.granularity),
         penalty=lambda: cdnn.get_quad_penalty(rnn),
@@ -348,27 +418,29 @@ EXACT = 1e-4
 #: in ||W^T W - I|| only, and the penalty keeps W near (not on) the manifold
 DISSOLVED = 5e-2
 
-METHODS: dict[str, Method] = {
-    m.name: m
+METHODS: dict[str, Method] = _Registry(
+    (m.name, m)
     for m in [
         Method(
-            "lstm",
-            "W unconstrained; plain Adam",
-            "Hochreiter & Schmidhuber 1997 (torch.nn.LSTM)",
-            build_lstm,
+            "unconstrained",
+            "W unconstrained (the plain cell); Adam or RMSprop (alias: lstm, its name in 0.1.0)",
+            "torch.nn.LSTM (Hochreiter & Schmidhuber 1997), nn.GRU (Cho et al. 2014), nn.RNN (Elman 1990)",
+            build_unconstrained,
             constrained=False,
         ),
         Method(
             "cd",
-            "forward uses A(W) = W(3/2 I - 1/2 W^T W); loss + penalty_param ||W^T W - I||_F^2; Adam",
-            "Xiao, Liu, Toh arXiv:2203.10319; Hu, Xiao, Liu, Toh arXiv:2205.10500 (cdcore.StiefelLSTM)",
+            "forward uses A(W) = W(3/2 I - 1/2 W^T W); loss + penalty_param ||W^T W - I||_F^2; "
+            "Adam/RMSprop on W",
+            "Xiao, Liu, Toh arXiv:2203.10319; Hu, Xiao, Liu, Toh arXiv:2205.10500 "
+            "(cdcore.StiefelLSTM / StiefelGRU / StiefelRNN)",
             build_cd,
             uses_penalty=True,
             tolerance=DISSOLVED,
         ),
         Method(
             "geotorch_expm",
-            "W = B expm(S) (padded 4H x 4H skew S): trivialisation; Adam on S",
+            "W = B expm(S) (skew S on the padded gH x gH square): trivialisation; Adam/RMSprop on S",
             "Lezcano-Casado & Martinez-Rubio, ICML 2019; Lezcano-Casado, NeurIPS 2019 (geotorch.orthogonal)",
             _geotorch("expm"),
             granularities=("stacked",),
@@ -376,7 +448,7 @@ METHODS: dict[str, Method] = {
         ),
         Method(
             "geotorch_cayley",
-            "W = B cayley(S) (padded 4H x 4H skew S): trivialisation; Adam on S",
+            "W = B cayley(S) (skew S on the padded gH x gH square): trivialisation; Adam/RMSprop on S",
             "Lezcano-Casado, NeurIPS 2019 (geotorch.orthogonal, triv='cayley')",
             _geotorch("cayley"),
             granularities=("stacked",),
@@ -384,14 +456,14 @@ METHODS: dict[str, Method] = {
         ),
         Method(
             "cayley",
-            "W <- R_W(-lr m/sqrt(v)): Riemannian Adam, tangent momentum, Cayley retraction",
-            "Li, Fuxin, Todorovic, ICLR 2020; Wen & Yin 2013 (cdcore.optim.CayleyAdam)",
+            "W <- R_W(-lr m/sqrt(v)): Riemannian Adam (tangent momentum) or RMSprop, Cayley retraction",
+            "Li, Fuxin, Todorovic, ICLR 2020; Wen & Yin 2013 (cdcore.optim.CayleyAdam, CayleyRMSprop)",
             build_cayley,
             tolerance=EXACT,
         ),
         Method(
             "cdopt",
-            "as cd, through the reference package (LSTM_cdopt, stiefel_torch)",
+            "as cd, through the reference package (LSTM_cdopt / GRU_cdopt / RNN_cdopt, stiefel_torch)",
             "CDOpt 0.5.5 (Xiao, Hu, Liu, Toh)",
             build_cdopt,
             uses_penalty=True,
@@ -400,4 +472,4 @@ METHODS: dict[str, Method] = {
             tolerance=DISSOLVED,
         ),
     ]
-}
+)

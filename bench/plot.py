@@ -484,7 +484,10 @@ def plot_confusions(runs, folder: Path) -> list[str]:
     if "confusion" not in runs:
         return out
     ok = runs[(runs["status"] == "ok") & runs["confusion"].notna()]
-    for method, g in ok.groupby("method"):
+    # one matrix per method, and per cell when the sweep ran several (confusion_<method>_<cell>.png)
+    by_cell = "cell" in ok and ok["cell"].nunique() > 1
+    for key, g in ok.groupby(["method", "cell"] if by_cell else "method"):
+        method = "_".join(key) if by_cell else (key[0] if isinstance(key, tuple) else key)
         best = g.loc[g["test_metric"].idxmax()]
         cm = np.array(json.loads(best["confusion"]))
         fig, ax = plt.subplots(figsize=(5, 4.5))

@@ -1,11 +1,11 @@
 """One run: build the model for a method, train it, evaluate it, measure it.
 
-A run is described by a :class:`RunConfig`; its ``run_id`` is a hash of every field,
-so the same configuration always has the same id.  :func:`run_one` returns the run's
-row for ``runs.csv`` and its rows for ``history.csv``; it never writes them (the sweep
-driver does, so any executor can run it).  Every key of those rows is a column:
-:data:`RUN_COLUMNS` (the RunConfig fields, :data:`MEASURED_COLUMNS` and
-:data:`PROVENANCE_COLUMNS`) and :data:`HISTORY_COLUMNS`.
+A run is described by a :class:`RunConfig`; its ``run_id`` is a hash of every field (see
+:attr:`RunConfig.run_id` for the fields added since 0.1.0), so the same configuration always
+has the same id.  :func:`run_one` returns the run's row for ``runs.csv`` and its rows for
+``history.csv``; it never writes them (the sweep driver does, so any executor can run it).
+Every key of those rows is a column: :data:`RUN_COLUMNS` (the RunConfig fields,
+:data:`MEASURED_COLUMNS` and :data:`PROVENANCE_COLUMNS`) and :data:`HISTORY_COLUMNS`.
 
 The trainer knows no method: it asks the method's :class:`bench.methods.Built` for the
 optimiser, the penalty, the recurrent weights, the projected plain module and the
@@ -24,16 +24,16 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Callable
+from typing import Callable, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from cdcore import weight_feasibility
 
-from . import measure
+from . import cells, measure
 from .errors import Diverged
-from .methods import METHODS, Built, Method
+from .methods import LEGACY_NAMES, METHODS, Built, Method, canonical
 from .tasks import TASKS, Task, load_task
 
 __all__ = [
@@ -55,6 +55,7 @@ __all__ = [
     "run_one",
     "start_training",
     "train_epoch",
+    "upgrade_row",
 ]
 
 #: feasibility ||W^T W - I||_F above which a constrained run counts as diverged
@@ -63,7 +64,15 @@ FEASIBILITY_EXPLODED = 1e3
 
 @dataclass(frozen=True)
 class RunConfig:
-    """Every setting of one run (all of it enters ``run_id``)."""
+    """Every setting of one run (all of it enters ``run_id``).
+
+    ``method`` is stored under its canonical name: an alias (``lstm``, the unconstrained
+    method's name in 0.1.0) is replaced by it (``unconstrained``) on construction.
+    ``cell``: ``lstm``, ``gru`` or ``rnn`` (:mod:`bench.cells`); ``nonlinearity`` (``tanh``,
+    ``relu``) is used by the ``rnn`` cell only; ``init``: the initialisation of the recurrent
+    weights (:data:`bench.cells.INITS`); ``optimizer``: ``adam`` or ``rmsprop`` for the whole
+    model (:func:`bench.methods.make_optimizer`).
+    """
 
     method: str
     task: str = "smnist"
@@ -83,10 +92,32 @@ class RunConfig:
     test_subset: int | None = None  # None: the whole test set
     seq_len: int | None = None  # tasks with the seq_len option only
     perf_iters: int = 20  # timed steps for the throughput figures
+    cell: str = cells.DEFAULT_CELL
+    init: str = cells.DEFAULT_INIT
+    optimizer: str = "adam"
+    nonlinearity: str = "tanh"  # the rnn cell's; other cells ignore it
+
+    #: fields added after 0.1.0: each enters ``run_id`` only when it differs from its default, so
+    #: the run_ids of results folders written before it existed stay valid
+    ADDED_AFTER_0_1: ClassVar[frozenset[str]] = frozenset({"cell", "init", "optimizer", "nonlinearity"})
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "method", canonical(self.method))
 
     @property
     def run_id(self) -> str:
-        blob = json.dumps(asdict(self), sort_keys=True)
+        """12 hex digits of the SHA-1 of the fields as sorted JSON.
+
+        Stable across versions: a field of :attr:`ADDED_AFTER_0_1` at its default is left out,
+        and the method is hashed under its 0.1.0 name (``unconstrained`` as ``lstm``), so a
+        configuration that 0.1.0 could express keeps the run_id 0.1.0 gave it.
+        """
+        d = asdict(self)
+        for f in fields(self):
+            if f.name in self.ADDED_AFTER_0_1 and d[f.name] == f.default:
+                del d[f.name]
+        d["method"] = LEGACY_NAMES.get(d["method"], d["method"])
+        blob = json.dumps(d, sort_keys=True)
         return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
 
@@ -132,6 +163,7 @@ RUN_COLUMNS = [
 HISTORY_COLUMNS = [
     "run_id",
     "method",
+    "cell",
     "task",
     "seed",
     "penalty_param",
@@ -147,6 +179,24 @@ HISTORY_COLUMNS = [
     "epoch_s",
     "train_wall_s",
 ]
+
+
+def upgrade_row(row: dict) -> dict:
+    """A ``runs.csv`` or ``history.csv`` row written by an older version, in today's terms.
+
+    The method under its canonical name (``lstm`` -> ``unconstrained``) and every field of
+    :attr:`RunConfig.ADDED_AFTER_0_1` that the row lacks or leaves empty at its default (what the
+    run used: the field did not exist).  The run_id is unchanged (:attr:`RunConfig.run_id` hashes
+    exactly what 0.1.0 hashed for such a run), so resuming an old folder matches its rows.
+    Returns a new dict; ``row`` is not modified.
+    """
+    out = dict(row)
+    if out.get("method"):
+        out["method"] = canonical(out["method"])
+    for f in fields(RunConfig):
+        if f.name in RunConfig.ADDED_AFTER_0_1 and out.get(f.name) in (None, ""):
+            out[f.name] = f.default
+    return out
 
 
 def derive_seed(*parts) -> int:
@@ -207,15 +257,21 @@ def get_task(cfg: RunConfig, data_dir) -> Task:
 
 
 def build(cfg: RunConfig, task: Task) -> tuple[SeqModel, Built]:
-    """The model of ``cfg.method``, from the method-independent initial weights of the seed."""
+    """The model of ``cfg.method``, from the method-independent initial weights of the seed.
+
+    The plain module of ``cfg.cell`` and the head are drawn from ``init_seed(cfg)``; then
+    ``cfg.init`` replaces the recurrent weights (:func:`bench.cells.initialize`, from its own
+    generator: the head does not depend on it), and only then the method attaches.
+    """
     torch.manual_seed(init_seed(cfg))
-    lstm = nn.LSTM(
-        task.input_size, cfg.hidden_size, cfg.num_layers, batch_first=True, bidirectional=cfg.bidirectional
+    plain = cells.make_plain(
+        cfg.cell, task.input_size, cfg.hidden_size, cfg.num_layers, cfg.bidirectional, cfg.nonlinearity
     )
     head = nn.Linear(cfg.hidden_size * (2 if cfg.bidirectional else 1), task.output_size)
+    cells.initialize(plain, cfg.init, torch.Generator().manual_seed(derive_seed("recurrent", init_seed(cfg))))
     device = torch.device(cfg.device)
-    lstm, head = lstm.to(device), head.to(device)
-    built = METHODS[cfg.method].build(lstm, cfg)
+    plain, head = plain.to(device), head.to(device)
+    built = METHODS[cfg.method].build(plain, cfg)
     return SeqModel(built.rnn, head, task.per_step, built.context), built
 
 
@@ -422,6 +478,7 @@ def train_epoch(tr: Training, progress=None) -> dict:
     record = {
         "run_id": cfg.run_id,
         "method": cfg.method,
+        "cell": cfg.cell,
         "task": cfg.task,
         "seed": cfg.seed,
         "penalty_param": cfg.penalty_param,

@@ -30,6 +30,7 @@ CONFIG_COLUMNS = (
     "task",
     "seed",
     "cell",
+    "nonlinearity",
     "num_layers",
     "hidden_size",
     "bidirectional",

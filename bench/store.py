@@ -8,7 +8,10 @@ run per epoch), guarded by a lock on the output folder.
   writes; a second sweep on the same folder refuses with a clear message.
 * At the start of a sweep the files are compacted (rewritten atomically): a torn last
   line is dropped, rows of planned runs that are not ``ok`` (or all planned rows, with
-  ``--force``) are removed so that they are redone, never duplicated.
+  ``--force``) are removed so that they are redone, never duplicated, and rows written by
+  an older version are brought up to date (:func:`bench.runner.upgrade_row`: the method
+  ``lstm`` renamed ``unconstrained``, columns added since filled with the default the run
+  used; run_ids unchanged).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import os
 from pathlib import Path
 
 from .errors import FolderBusy
-from .runner import HISTORY_COLUMNS, RUN_COLUMNS
+from .runner import HISTORY_COLUMNS, RUN_COLUMNS, upgrade_row
 
 __all__ = ["HISTORY_COLUMNS", "RUN_COLUMNS", "FolderBusy", "ResultStore", "read_rows"]
 
@@ -87,7 +90,7 @@ class ResultStore:
 
     def prepare(self, planned_ids: set[str], force: bool = False) -> set[str]:
         """Compact the files for a sweep of ``planned_ids``; return the ids already ``ok``."""
-        runs = read_rows(self.runs_path)
+        runs = [upgrade_row(r) for r in read_rows(self.runs_path)]
         kept, seen, done = [], set(), set()
         for r in runs:
             rid = r.get("run_id", "")
@@ -101,7 +104,7 @@ class ResultStore:
                 done.add(rid)
         kept_ids = {r["run_id"] for r in kept}
         history = [
-            h
+            upgrade_row(h)
             for h in read_rows(self.history_path)
             if h.get("run_id") in kept_ids or h.get("run_id") not in planned_ids
         ]

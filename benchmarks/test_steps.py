@@ -13,10 +13,10 @@ the ``W`` warm-up rounds are run and discarded, and every round times exactly on
 On CUDA the timed function ends with ``torch.cuda.synchronize()`` (kernels are
 asynchronous: without it the clock would stop when the work was queued, not done), and
 ``setup`` synchronises before each round so no earlier work spills into the timing.
-On CPU both are no-ops.  For every method but ``lstm``, ``setup`` also times one step of
-``lstm`` of the same shape (outside the method's timing) and stores these times in
-``extra_info["lstm_round_s"]``: round i of the method is paired with the lstm step just
-before it, which makes ``paired_vs_lstm`` robust to the machine's speed drifting between
+On CPU both are no-ops.  For every method but ``unconstrained``, ``setup`` also times one step
+of ``unconstrained`` of the same shape (outside the method's timing) and stores these times in
+``extra_info["reference_round_s"]``: round i of the method is paired with the unconstrained step
+just before it, which makes ``paired_vs_unconstrained`` robust to the machine's speed drifting between
 benchmarks.
 """
 
@@ -38,17 +38,17 @@ def _bench(benchmark, task_for, case):
     cfg = plan.run_config(case["method"], case["hidden"], case["batch"], case["device"])
     steps = make_steps(cfg, task_for(case["batch"]))
     sync = measure.synchronizer(case["device"])
-    lstm_times = []
+    ref_times = []
     if case["method"] == plan.REFERENCE:
         setup = sync
     else:
-        # the same step of lstm, timed right before each round: the pair cancels drifts of the
-        # machine's speed between benchmarks (bench.perf.report.load_results -> paired_vs_lstm)
+        # the same step of the unconstrained method, timed right before each round: the pair cancels
+        # drifts of the machine's speed between benchmarks (report.load_results -> paired_vs_unconstrained)
         ref_cfg = plan.run_config(plan.REFERENCE, case["hidden"], case["batch"], case["device"])
         ref_step = getattr(make_steps(ref_cfg, task_for(case["batch"])), case["kind"])
 
         def setup():
-            lstm_times.append(measure.time_fn(ref_step, warmup=0, iters=1, sync=sync).seconds_per_iter)
+            ref_times.append(measure.time_fn(ref_step, warmup=0, iters=1, sync=sync).seconds_per_iter)
 
     benchmark.group = f"{case['kind']} {case['device']} H{case['hidden']} B{case['batch']}"
     benchmark.extra_info.update(
@@ -63,8 +63,9 @@ def _bench(benchmark, task_for, case):
         warmup_rounds=case["warmup"],
         iterations=1,
     )
-    if lstm_times:
-        benchmark.extra_info["lstm_round_s"] = lstm_times[-case["rounds"] :]  # setup also ran before warm-ups
+    if ref_times:
+        # setup also ran before the warm-up rounds: keep the last `rounds` times
+        benchmark.extra_info["reference_round_s"] = ref_times[-case["rounds"] :]
 
 
 @pytest.mark.parametrize("case", plan.load_plan("train"), ids=plan.case_id)

@@ -7,7 +7,7 @@
   -- attach and measure, for any model.
 * :class:`StiefelLSTM`, :class:`StiefelGRU`, :class:`StiefelRNN` -- ``nn.LSTM`` / ``nn.GRU``
   / ``nn.RNN`` with dissolved recurrent weights, fused kernels (:mod:`cdcore.rnn`).
-* :mod:`cdcore.optim` -- ``CayleyAdam`` and ``CayleySGD`` (Riemannian, Cayley retraction).
+* :mod:`cdcore.optim` -- ``CayleyAdam``, ``CayleyRMSprop`` and ``CayleySGD`` (Riemannian, Cayley retraction).
 """
 
 from . import dissolving, optim, stiefel

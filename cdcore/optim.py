@@ -2,7 +2,8 @@ r"""Riemannian optimisers on St(n, p) with the Cayley retraction.
 
 ``CayleySGD`` and ``CayleyAdam`` follow Li, Fuxin and Todorovic, "Efficient Riemannian
 optimization on the Stiefel manifold via the Cayley transform", ICLR 2020
-(arXiv:2002.01113), Algorithms 1 and 2: momentum is kept in the tangent space and the
+(arXiv:2002.01113), Algorithms 1 and 2 (``CayleyRMSprop``: Alg. 2 with beta1 = 0 and no bias
+correction, as :class:`torch.optim.RMSprop`): momentum is kept in the tangent space and the
 update moves along the Cayley curve.  Where that paper iterates a fixed point on an
 n x n skew matrix, these optimisers use the closed-form Cayley retraction in its
 Sherman-Morrison-Woodbury form (:func:`cdcore.stiefel.retr_cayley`, Wen & Yin 2013),
@@ -10,12 +11,12 @@ so a tall (4H, H) LSTM weight really moves on St(4H, H) at O(n p^2) cost.
 
 Param groups mark Stiefel parameters with ``"stiefel": True`` (and optionally
 ``"granularity"``: ``"stacked"`` or ``"per_gate"``); every other group gets plain
-Adam (``CayleyAdam``, the update of :class:`torch.optim.Adam`) or SGD with momentum
-(``CayleySGD``).  ``step`` and ``add_param_group`` (where every group is validated) are
-overridden; parameters are updated in place, so ``nn.LSTM`` keeps its flat weight buffers.
-Stiefel parameters of one shape are updated together in one batched operation, each with
-its own step count.  A Stiefel parameter may have leading batch dimensions, (..., n, p):
-each matrix is a point of St(n, p).
+Adam (``CayleyAdam``, the update of :class:`torch.optim.Adam`), RMSprop (``CayleyRMSprop``, the
+update of :class:`torch.optim.RMSprop`) or SGD with momentum (``CayleySGD``).  ``step`` and
+``add_param_group`` (where every group is validated) are overridden; parameters are updated in
+place, so ``nn.LSTM`` keeps its flat weight buffers.  Stiefel parameters of one shape are updated
+together in one batched operation, each with its own step count.  A Stiefel parameter may have
+leading batch dimensions, (..., n, p): each matrix is a point of St(n, p).
 
 Per Stiefel step, with Euclidean gradient G at X:
 
@@ -43,7 +44,7 @@ from torch import Tensor
 from . import stiefel
 from .dissolving import check_granularity, from_blocks, to_blocks
 
-__all__ = ["CayleyAdam", "CayleySGD"]
+__all__ = ["CayleyAdam", "CayleyRMSprop", "CayleySGD"]
 
 
 def _number(name: str, value, *, low: float, low_open: bool = False, high: float | None = None) -> float:
@@ -400,3 +401,82 @@ class CayleyAdam(_CayleyBase):
         st["exp_avg_sq"].mul_(b2).addcmul_(g, g, value=1 - b2)
         denom = (st["exp_avg_sq"].sqrt() / math.sqrt(1 - b2**t)).add_(group["eps"])
         p.addcdiv_(st["exp_avg"], denom, value=-group["lr"] / (1 - b1**t))
+
+
+class CayleyRMSprop(_CayleyBase):
+    r"""RMSprop; Stiefel groups move by the Cayley retraction with a per-matrix RMSprop step.
+
+    Non-Stiefel groups get exactly the update of :class:`torch.optim.RMSprop` without momentum
+    and not centred (Tieleman & Hinton 2012, lecture 6.5; the optimiser of expRNN,
+    Lezcano-Casado & Martinez-Rubio, ICML 2019): v <- alpha v + (1 - alpha) g^2,
+    p <- p - lr g / (sqrt(v) + eps), no bias correction.
+
+    A Stiefel matrix X moves as Li, Fuxin & Todorovic (ICLR 2020) Alg. 2 does with
+    beta1 = 0 and, as torch's RMSprop, no bias correction: with ξ = P_X(G),
+    v <- alpha v + (1 - alpha) mean(ξ²) (one scalar per matrix, so that the step stays a
+    tangent vector: a per-entry scale would leave the tangent space), then
+    X <- R_X(-lr ξ / (sqrt(v) + eps)) (Cayley retraction).
+
+    Parameters
+    ----------
+    params : iterable of Tensor or dict
+        Param groups; ``{"params": [...], "stiefel": True}`` marks Stiefel parameters.
+    lr : float
+        Learning rate (>= 0).
+    alpha : float
+        Smoothing constant of the squared-gradient average, in [0, 1).
+    eps : float
+        Denominator term (> 0).
+    weight_decay : float
+        L2 penalty (>= 0) of the Euclidean groups; see :class:`CayleySGD`.
+    feasibility_tol, check_every
+        As for :class:`CayleySGD`.
+
+    Raises
+    ------
+    ValueError
+        As for :class:`CayleySGD`.
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-2,
+        alpha: float = 0.99,
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        feasibility_tol: float = 5e-6,
+        check_every: int = 100,
+    ) -> None:
+        super().__init__(
+            params,
+            dict(
+                lr=lr,
+                alpha=alpha,
+                eps=eps,
+                weight_decay=weight_decay,
+                feasibility_tol=feasibility_tol,
+                check_every=check_every,
+            ),
+        )
+
+    def _check_hyperparameters(self, group: dict, where: str) -> None:
+        super()._check_hyperparameters(group, where)
+        _number(f"{where}alpha", group["alpha"], low=0, high=1)
+        _number(f"{where}eps", group["eps"], low=0, low_open=True)
+
+    def _stiefel_update(self, group, X, xi, M, V, t):
+        a = group["alpha"]
+        V = a * V + (1 - a) * xi.square().mean(dim=(-2, -1))
+        Y = stiefel.retr_cayley(X, -(group["lr"] / (V.sqrt() + group["eps"]))[:, None, None] * xi)
+        return Y, M, V  # no momentum: M stays zero
+
+    def _euclidean(self, group, p):
+        g = p.grad if not group["weight_decay"] else p.grad.add(p, alpha=group["weight_decay"])
+        st = self.state[p]
+        if not st:
+            st["step"] = 0
+            st["square_avg"] = torch.zeros_like(p)
+        st["step"] += 1
+        st["square_avg"].mul_(group["alpha"]).addcmul_(g, g, value=1 - group["alpha"])
+        p.addcdiv_(g, st["square_avg"].sqrt().add_(group["eps"]), value=-group["lr"])

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from bench import ablate
+from bench.cells import CELLS, INITS
 from bench.methods import METHODS
 from bench.runner import HISTORY_COLUMNS, RUN_COLUMNS, RunConfig, build, get_task, run_one
 
@@ -97,9 +98,16 @@ def test_smoke_sweep_on_real_mnist_end_to_end(mnist_dir, tmp_path):
     assert set(REQUIRED) <= set(runs.columns)
     assert (runs["status"] == "ok").all()
     counts = runs["method"].value_counts().to_dict()
-    assert counts == {"lstm": 1, "cd": 3, "geotorch_expm": 1, "geotorch_cayley": 1, "cayley": 1, "cdopt": 3}
+    assert counts == {
+        "unconstrained": 1,
+        "cd": 3,
+        "geotorch_expm": 1,
+        "geotorch_cayley": 1,
+        "cayley": 1,
+        "cdopt": 3,
+    }
     assert sorted(runs.loc[runs.method == "cd", "penalty_param"]) == [0.1, 0.5, 1.0]
-    assert runs.loc[runs.method == "lstm", "penalty_param"].isna().all()
+    assert runs.loc[runs.method == "unconstrained", "penalty_param"].isna().all()
     assert runs["run_id"].is_unique
     assert (runs["n_test"] == 1000).all() and (runs["task"] == "smnist").all()
     assert (runs["test_acc"] > 0.5).all(), runs[["method", "test_acc"]]  # the smoke profile learns
@@ -125,12 +133,22 @@ def test_smoke_sweep_on_real_mnist_end_to_end(mnist_dir, tmp_path):
 
 
 def test_full_test_set_is_scored(mnist_dir):
-    task = get_task(RunConfig(method="lstm", task="smnist", test_subset=None), mnist_dir)
+    task = get_task(RunConfig(method="unconstrained", task="smnist", test_subset=None), mnist_dir)
     assert task.n_test == 10_000 and task.n_train == 60_000
 
 
 BAD = [
-    (["--methods", "lstm", "nope"], "unknown method 'nope'; allowed: lstm, cd"),
+    (["--methods", "lstm", "nope"], "unknown method 'nope'; allowed: unconstrained, cd"),
+    (["--methods", "nope"], "(lstm: alias of unconstrained)"),
+    (["--cell", "lstm", "mlp"], "unknown cell 'mlp'; allowed: lstm, gru, rnn"),
+    (["--init", "zeros"], "unknown init 'zeros'; allowed: default, orthogonal, henaff, cayley"),
+    (["--optimizer", "sgd"], "unknown optimizer 'sgd'; allowed: adam, rmsprop"),
+    (["--nonlinearity", "gelu"], "unknown nonlinearity 'gelu'; allowed: tanh, relu"),
+    (["--nonlinearity", "relu"], "--nonlinearity applies to --cell rnn only; got --cell lstm"),
+    (
+        ["--cell", "gru", "--nonlinearity", "relu"],
+        "--nonlinearity applies to --cell rnn only; got --cell gru",
+    ),
     (["--task", "cifar"], "unknown task 'cifar'; allowed: smnist, digits"),
     (["--profile", "huge"], "unknown profile 'huge'; allowed: smoke, quick, paper, auto"),
     (["--device", "tpu"], "unknown device 'tpu'; allowed: cpu, cuda, auto"),
@@ -175,7 +193,8 @@ def test_list_methods_prints_every_method_with_its_math_and_reference(capsys):
     out = capsys.readouterr().out
     for m in METHODS.values():
         assert f"{m.name}  (" in out and m.math in out and m.reference in out
-    assert "lstm  (unconstrained;" in out and "cd  (constrained, uses penalty_param;" in out
+    assert "unconstrained  (unconstrained;" in out and "cd  (constrained, uses penalty_param;" in out
+    assert "alias lstm" in out  # the old name of unconstrained is still accepted
 
 
 def test_cuda_without_cuda_is_refused(tmp_path, capsys, monkeypatch):
@@ -187,9 +206,9 @@ def test_cuda_without_cuda_is_refused(tmp_path, capsys, monkeypatch):
 
 def test_bad_input_never_touches_existing_results(tmp_path):
     out = tmp_path / "o"
-    assert sweep(*TINY, "--methods", "lstm", "--out", out) == 0
+    assert sweep(*TINY, "--methods", "unconstrained", "--out", out) == 0
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
-    assert sweep(*TINY, "--methods", "lstm", "--hidden", "-3", "--out", out) == 2
+    assert sweep(*TINY, "--methods", "unconstrained", "--hidden", "-3", "--out", out) == 2
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
 
 
@@ -205,7 +224,7 @@ def test_missing_mnist_names_data_dir_and_digits(tmp_path, capsys, monkeypatch):
             "--profile",
             "smoke",
             "--methods",
-            "lstm",
+            "unconstrained",
             "--data-dir",
             str(tmp_path / "empty"),
             "--out",
@@ -219,7 +238,7 @@ def test_missing_mnist_names_data_dir_and_digits(tmp_path, capsys, monkeypatch):
 
 def test_resume_skips_ok_runs_and_force_reruns_without_duplicates(tmp_path, capsys):
     out = tmp_path / "o"
-    args = [*TINY, "--methods", "lstm", "cd", "--penalty", "0.5", "1.0", "--out", out]
+    args = [*TINY, "--methods", "unconstrained", "cd", "--penalty", "0.5", "1.0", "--out", out]
     assert sweep(*args) == 0
     first = pd.read_csv(out / "runs.csv")
     capsys.readouterr()
@@ -258,7 +277,7 @@ def test_sigkill_mid_sweep_then_resume_gives_exactly_the_planned_ok_rows(tmp_pat
     args = [
         *TINY,
         "--methods",
-        "lstm",
+        "unconstrained",
         "cd",
         "cayley",
         "--penalty",
@@ -288,7 +307,7 @@ def test_sigkill_mid_sweep_then_resume_gives_exactly_the_planned_ok_rows(tmp_pat
 
 def test_torn_last_line_is_repaired(tmp_path):
     out = tmp_path / "o"
-    args = [*TINY, "--methods", "lstm", "--seeds", "0", "1", "--out", out]
+    args = [*TINY, "--methods", "unconstrained", "--seeds", "0", "1", "--out", out]
     assert sweep(*args) == 0
     with open(out / "runs.csv", "a") as f:
         f.write("deadbeef0000,cd,smnist,0,1")  # a half-written row, no newline
@@ -300,12 +319,25 @@ def test_torn_last_line_is_repaired(tmp_path):
 def test_divergence_is_recorded_and_the_sweep_goes_on(tmp_path, capsys):
     out = tmp_path / "o"
     assert (
-        sweep(*TINY, "--methods", "cd", "lstm", "--penalty", "0.5", "--lr", "5e-3", "1e12", "--out", out) == 3
+        sweep(
+            *TINY,
+            "--methods",
+            "cd",
+            "unconstrained",
+            "--penalty",
+            "0.5",
+            "--lr",
+            "5e-3",
+            "1e12",
+            "--out",
+            out,
+        )
+        == 3
     )
     runs = pd.read_csv(out / "runs.csv").set_index(["method", "lr"])
     assert runs.loc[("cd", 1e12), "status"] == "diverged"
     assert runs.loc[("cd", 1e12), "diverged_epoch"] == 1
-    assert runs.loc[("cd", 5e-3), "status"] == "ok" and runs.loc[("lstm", 5e-3), "status"] == "ok"
+    assert runs.loc[("cd", 5e-3), "status"] == "ok" and runs.loc[("unconstrained", 5e-3), "status"] == "ok"
     assert "diverged" in capsys.readouterr().out.splitlines()[-1]
 
 
@@ -317,13 +349,15 @@ def test_failed_run_is_isolated(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setitem(methods.METHODS, "cayley", methods.Method("cayley", "", "", broken))
     out = tmp_path / "o"
-    code = ablate.main([*TINY, "--methods", "lstm", "cayley", "--out", str(out)])
+    code = ablate.main([*TINY, "--methods", "unconstrained", "cayley", "--out", str(out)])
     assert code == 3
     runs = pd.read_csv(out / "runs.csv").set_index("method")
     assert runs.loc["cayley", "status"] == "failed"
     assert runs.loc["cayley", "error"] == "RuntimeError: CUDA out of memory (simulated)"
-    assert runs.loc["lstm", "status"] == "ok"
-    ablate.main([*TINY, "--methods", "lstm", "cayley", "--out", str(out)])  # summary draws the failed run
+    assert runs.loc["unconstrained", "status"] == "ok"
+    ablate.main(
+        [*TINY, "--methods", "unconstrained", "cayley", "--out", str(out)]
+    )  # summary draws the failed run
     from bench import plot
 
     plot.make_all(out)
@@ -334,11 +368,11 @@ def test_second_sweep_on_a_busy_folder_refuses(tmp_path, capsys):
     from filelock import FileLock
 
     out = tmp_path / "o"
-    assert sweep(*TINY, "--methods", "lstm", "--out", out) == 0
+    assert sweep(*TINY, "--methods", "unconstrained", "--out", out) == 0
     before = (out / "runs.csv").read_bytes()
     capsys.readouterr()
     with FileLock(str(out / ".lock")):
-        assert sweep(*TINY, "--methods", "lstm", "--seeds", "1", "--out", out) == 2
+        assert sweep(*TINY, "--methods", "unconstrained", "--seeds", "1", "--out", out) == 2
     err = capsys.readouterr().err
     assert "another sweep is writing to" in err and err.count("\n") == 1
     assert (out / "runs.csv").read_bytes() == before
@@ -361,12 +395,12 @@ def test_two_concurrent_sweeps_one_folder(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(ex, "run_one", held_run_one)
     result = {}
     a = threading.Thread(
-        target=lambda: result.setdefault("a", sweep(*TINY, "--methods", "lstm", "--out", out))
+        target=lambda: result.setdefault("a", sweep(*TINY, "--methods", "unconstrained", "--out", out))
     )
     a.start()
     try:
         assert inside.wait(120), "sweep A never started its run"
-        assert sweep(*TINY, "--methods", "lstm", "--seeds", "1", "--out", out) == 2
+        assert sweep(*TINY, "--methods", "unconstrained", "--seeds", "1", "--out", out) == 2
         assert "another sweep is writing to" in capsys.readouterr().err
     finally:
         release.set()
@@ -449,14 +483,26 @@ def test_crafted_checkpoint_is_refused_not_executed_and_the_run_starts_afresh(tm
     assert {k: row[k] for k in METRICS} == {k: fresh[k] for k in METRICS}
 
 
-def test_every_method_starts_from_the_same_unconstrained_weights():
-    task = get_task(_cfg(), None)
-    ref_model, _ = build(_cfg(method="lstm", penalty_param=None), task)
-    ref = {n: getattr(ref_model.rnn, n).detach().clone() for n in ref_model.rnn._flat_weights_names}
+@pytest.mark.parametrize("cell", list(CELLS))
+@pytest.mark.parametrize("init", INITS)
+def test_every_method_starts_from_the_same_unconstrained_weights(cell, init):
     from cdcore import stiefel
+    from cdcore.dissolving import to_blocks
+
+    task = get_task(_cfg(), None)
+    base = dict(cell=cell, init=init)
+    ref_model, _ = build(_cfg(method="unconstrained", penalty_param=None, **base), task)
+    ref = {n: getattr(ref_model.rnn, n).detach().clone() for n in ref_model.rnn._flat_weights_names}
+    assert type(ref_model.rnn) is CELLS[cell]
+    if init != "default":  # the init replaced every recurrent gate block by an orthogonal matrix
+        for n in ref:
+            if n.startswith("weight_hh"):
+                assert stiefel.feasibility(to_blocks(ref[n].double(), "per_gate")).max() < 1e-5, n
+    plain_head, _ = build(_cfg(method="unconstrained", penalty_param=None, cell=cell), task)
+    assert torch.equal(plain_head.head.weight, ref_model.head.weight)  # the init draws from its own stream
 
     for method in METHODS:
-        cfg = _cfg(method=method, penalty_param=0.5 if METHODS[method].uses_penalty else None)
+        cfg = _cfg(method=method, penalty_param=0.5 if METHODS[method].uses_penalty else None, **base)
         before = torch.random.get_rng_state()
         model, built = build(cfg, task)
         raw = {n: r.detach() for n, (r, _) in built.weights().items()}
@@ -468,22 +514,26 @@ def test_every_method_starts_from_the_same_unconstrained_weights():
                 assert torch.equal(raw[n] if n in raw else getattr(model.rnn, n).detach(), w), (method, n)
         # attaching a constraint does not shift the random stream after the model
         torch.random.set_rng_state(before)
-        build(_cfg(method="lstm", penalty_param=None), task)
-        after_lstm = torch.rand(3)
+        build(_cfg(method="unconstrained", penalty_param=None, **base), task)
+        after_plain = torch.rand(3)
         torch.random.set_rng_state(before)
         build(cfg, task)
-        assert torch.equal(torch.rand(3), after_lstm), method
+        assert torch.equal(torch.rand(3), after_plain), method
 
 
+@pytest.mark.parametrize("cell", list(CELLS))
 @pytest.mark.parametrize("method", list(METHODS))
-def test_project_returns_an_exactly_feasible_plain_lstm_and_leaves_the_model(method):
+def test_project_returns_an_exactly_feasible_plain_module_and_leaves_the_model(method, cell):
     from cdcore import weight_feasibility
 
-    for granularity in METHODS[method].granularities:
+    nonlinearity = "relu" if cell == "rnn" else "tanh"  # the exported RNN keeps its nonlinearity
+    for granularity in METHODS[method].granularities if cell != "rnn" else ["stacked"]:
         cfg = _cfg(
             method=method,
             granularity=granularity,
             penalty_param=0.5 if METHODS[method].uses_penalty else None,
+            cell=cell,
+            nonlinearity=nonlinearity,
         )
         model, built = build(cfg, get_task(cfg, None))
         with torch.no_grad():  # move the weights off the manifold, as training does for cd
@@ -491,10 +541,14 @@ def test_project_returns_an_exactly_feasible_plain_lstm_and_leaves_the_model(met
                 r.add_(0.01 * torch.randn_like(r))
         state = {k: v.clone() for k, v in model.state_dict().items()}
         plain = built.project()
-        assert type(plain) is torch.nn.LSTM
+        assert type(plain) is CELLS[cell]
+        if cell == "rnn":
+            assert plain.nonlinearity == nonlinearity
         for n in plain._flat_weights_names:
             if n.startswith("weight_hh"):
                 assert weight_feasibility(getattr(plain, n), granularity) < 1e-5, (method, n)
+            else:
+                assert torch.equal(getattr(plain, n), getattr(model.rnn, n)), (method, n)
         x = torch.rand(3, 5, model.rnn.input_size)
         with torch.no_grad():
             assert torch.isfinite(plain(x)[0]).all()

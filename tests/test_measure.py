@@ -129,15 +129,15 @@ def test_rounds_budget():
     assert plan.rounds_for(100.0, 3, 5, 30.0) == (1, 1)  # a slow benchmark still runs once
 
     def cost(method, hidden, batch, device):  # what measure_cost would have measured
-        step = {"lstm": 0.01, "geotorch_expm": 8.0}[method]
+        step = {"unconstrained": 0.01, "geotorch_expm": 8.0}[method]
         return {"build": 0.5, "train": step, "eval": step / 3}
 
-    cases = plan.make_plan(["lstm", "geotorch_expm"], [512], [64], ["cpu"], cost=cost)
+    cases = plan.make_plan(["unconstrained", "geotorch_expm"], [512], [64], ["cpu"], cost=cost)
     slow = {(c["method"], c["kind"]): c for c in cases}
-    assert not slow[("lstm", "eval")]["cut"] and slow[("geotorch_expm", "train")]["cut"]
+    assert not slow[("unconstrained", "eval")]["cut"] and slow[("geotorch_expm", "train")]["cut"]
     # one round of a method also times the reference step it is paired with
     assert slow[("geotorch_expm", "train")]["est_step_s"] == pytest.approx(8.01)
-    assert slow[("lstm", "train")]["est_s"] == pytest.approx(0.5 + 8 * 0.01)
+    assert slow[("unconstrained", "train")]["est_s"] == pytest.approx(0.5 + 8 * 0.01)
     assert all(c["rounds"] >= 1 and c["warmup"] >= 0 for c in cases)
     # without a cost: default rounds, no estimate (what pytest benchmarks/ collects)
     assert all(
@@ -153,7 +153,7 @@ def test_cost_estimate_is_measured_so_a_new_method_is_estimated_too(monkeypatch)
     from bench import methods
 
     def slow_build(lstm, cfg):
-        built = methods.build_lstm(lstm, cfg)
+        built = methods.build_unconstrained(lstm, cfg)
         make = built.optimizer
 
         def optimizer(model):
@@ -184,7 +184,8 @@ def test_shape28_task_has_the_notebooks_shape():
     assert x.shape == (8, 28, 28) and y.shape == (8,) and task.output_size == 10 and task.seq_len == 28
     cfg = plan.run_config("cd", 64, 8, "cpu")
     assert (cfg.num_layers, cfg.bidirectional, cfg.penalty_param) == (2, True, 0.5)
-    assert plan.run_config("lstm", 64, 8, "cpu").penalty_param is None
+    assert plan.run_config("unconstrained", 64, 8, "cpu").penalty_param is None
+    assert plan.run_config("lstm", 64, 8, "cpu") == plan.run_config("unconstrained", 64, 8, "cpu")  # alias
 
 
 def test_perf_cli_end_to_end(tmp_path):
@@ -195,7 +196,7 @@ def test_perf_cli_end_to_end(tmp_path):
         "bench.perf",
         "--quick",
         "--methods",
-        "lstm",
+        "lstm",  # the old name of unconstrained: an alias
         "cd",
         "--hidden",
         "16",
@@ -219,19 +220,19 @@ def test_perf_cli_end_to_end(tmp_path):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     rows = list(csv.DictReader((out / "table.csv").open()))
     assert {(r["method"], r["kind"]) for r in rows} == {
-        (m, k) for m in ("lstm", "cd") for k in ("train", "eval")
+        (m, k) for m in ("unconstrained", "cd") for k in ("train", "eval")
     }
     assert all((r["hidden"], r["batch"], r["rounds"]) == ("16", "8", "1") for r in rows)
     for r in rows:
         assert float(r["median_ms"]) > 0 and float(r["samples_per_s"]) > 0
-        if r["method"] == "lstm":
-            assert float(r["ratio_to_lstm"]) == 1.0 == float(r["paired_vs_lstm"])
+        if r["method"] == "unconstrained":
+            assert float(r["ratio_to_unconstrained"]) == 1.0 == float(r["paired_vs_unconstrained"])
         else:
-            assert float(r["ratio_to_lstm"]) > 0 and float(r["paired_vs_lstm"]) > 0
-    assert "ratio_to_lstm" in (out / "table.md").read_text()
+            assert float(r["ratio_to_unconstrained"]) > 0 and float(r["paired_vs_unconstrained"]) > 0
+    assert "ratio_to_unconstrained" in (out / "table.md").read_text()
     bench = json.loads((out / "benchmark.json").read_text())["benchmarks"]
     cd = [b for b in bench if b["extra_info"]["method"] == "cd"]
-    assert cd and all(len(b["extra_info"]["lstm_round_s"]) == len(b["stats"]["data"]) == 1 for b in cd)
+    assert cd and all(len(b["extra_info"]["reference_round_s"]) == len(b["stats"]["data"]) == 1 for b in cd)
     assert all(c["est_s"] > 0 for c in json.loads((out / "plan.json").read_text()))  # measured estimates
     command = (out / "command.txt").read_text()
     assert "python -m bench.perf --quick --methods lstm cd --hidden 16 --batch 8 --rounds 1" in command
@@ -279,15 +280,15 @@ def test_interleaved_times_pairs_rounds_and_shuffles_the_order():
 
 def test_time_methods_builds_each_method_and_times_it_interleaved(monkeypatch):
     clock = _Clock()
-    costs = {"lstm": 1.0, "cd": 1.25}
+    costs = {"unconstrained": 1.0, "cd": 1.25}
 
     class FakeSteps:
         def __init__(self, cost):
             self.train = self.eval = lambda: clock.advance(cost)
 
     monkeypatch.setattr("bench.perf.run.make_steps", lambda cfg, task: FakeSteps(costs[cfg.method]))
-    times = time_methods(["lstm", "cd"], 8, 4, "cpu", rounds=5, warmup=1, clock=clock)
-    assert times == {"lstm": [1.0] * 5, "cd": [1.25] * 5}
+    times = time_methods(["unconstrained", "cd"], 8, 4, "cpu", rounds=5, warmup=1, clock=clock)
+    assert times == {"unconstrained": [1.0] * 5, "cd": [1.25] * 5}
 
 
 def test_pairwise_ratios_are_taken_within_rounds():
@@ -306,23 +307,28 @@ def test_pairwise_ratios_are_taken_within_rounds():
     assert rows["cd", "lstm"]["of_medians"] == pytest.approx(1 / 1.1)
 
 
-def test_load_results_pairs_each_round_with_the_lstm_step_before_it(tmp_path):
+@pytest.mark.parametrize(
+    "reference, key",
+    [("unconstrained", "reference_round_s"), ("lstm", "lstm_round_s")],  # today's files; before 0.2
+    ids=["current", "written-before-the-rename"],
+)
+def test_load_results_pairs_each_round_with_the_reference_step_before_it(tmp_path, reference, key):
     def bm(method, data, ref=None):
         info = dict(method=method, device="cpu", hidden=8, batch=4, kind="train", warmup=0, samples=4)
         if ref is not None:
-            info["lstm_round_s"] = ref
+            info[key] = ref
         return {
             "extra_info": info,
             "stats": {"median": sorted(data)[len(data) // 2], "rounds": len(data), "data": data},
         }
 
-    # lstm was timed while the machine was fast; cd's benchmark ran while it was twice as slow
+    # the reference was timed while the machine was fast; cd's benchmark ran while it was twice as slow
     path = tmp_path / "b.json"
     path.write_text(
         json.dumps(
             {
                 "benchmarks": [
-                    bm("lstm", [1.0, 1.0, 1.0]),
+                    bm(reference, [1.0, 1.0, 1.0]),
                     bm("cd", [2.2, 2.2, 2.2], ref=[2.0, 2.0, 2.0]),
                     bm("cdopt", [1.2, 1.2, 1.2]),
                 ]
@@ -330,10 +336,10 @@ def test_load_results_pairs_each_round_with_the_lstm_step_before_it(tmp_path):
         )
     )
     df = report.load_results(path).set_index("method")
-    assert df.loc["cd", "ratio_to_lstm"] == pytest.approx(2.2)  # unpaired: the drift shows
-    assert df.loc["cd", "paired_vs_lstm"] == pytest.approx(2.0 / 2.2)  # paired: it cancels
-    assert df.loc["lstm", "paired_vs_lstm"] == 1.0
-    assert math.isnan(df.loc["cdopt", "paired_vs_lstm"])  # no lstm timings: not claimed
+    assert df.loc["cd", "ratio_to_unconstrained"] == pytest.approx(2.2)  # unpaired: the drift shows
+    assert df.loc["cd", "paired_vs_unconstrained"] == pytest.approx(2.0 / 2.2)  # paired: it cancels
+    assert df.loc["unconstrained", "paired_vs_unconstrained"] == 1.0  # an old file's lstm row, renamed
+    assert math.isnan(df.loc["cdopt", "paired_vs_unconstrained"])  # no reference timings: not claimed
     report.plot_relative(df.reset_index(), tmp_path / "rel.png")
     report.plot_scaling(df.reset_index(), tmp_path / "scaling.png")
     assert (tmp_path / "rel.png").stat().st_size > 0 and (tmp_path / "scaling.png").stat().st_size > 0
@@ -343,7 +349,7 @@ def test_load_results_pairs_each_round_with_the_lstm_step_before_it(tmp_path):
     "args, named",
     [
         (["--hidden", "0"], "hidden must be a positive integer; got '0'"),
-        (["--methods", "nosuch"], "unknown method 'nosuch'; allowed: lstm"),
+        (["--methods", "nosuch"], "unknown method 'nosuch'; allowed: unconstrained, cd"),
         (["--rounds", "0"], "rounds must be a positive integer; got '0'"),
         (["--warmup", "-1"], "warmup must be a non-negative integer; got '-1'"),
         (["--out", "/proc/cdbench"], "/proc/cdbench"),
@@ -377,5 +383,5 @@ def test_perf_paired_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys
         == 0
     )
     out = capsys.readouterr().out
-    assert "lstm, cd x hidden 16 x batch 8" in out and "estimate" in out
+    assert "unconstrained, cd x hidden 16 x batch 8" in out and "estimate" in out
     assert not (tmp_path / "p").exists()

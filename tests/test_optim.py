@@ -14,7 +14,14 @@ def _procrustes(n, p, batch=(), seed=0, dtype=torch.float64):
     return nn.Parameter(X0.clone()), target
 
 
-@pytest.mark.parametrize("cls,kw", [(optim.CayleyAdam, dict(lr=0.05)), (optim.CayleySGD, dict(lr=0.02))])
+@pytest.mark.parametrize(
+    "cls,kw",
+    [
+        (optim.CayleyAdam, dict(lr=0.05)),
+        (optim.CayleySGD, dict(lr=0.02)),
+        (optim.CayleyRMSprop, dict(lr=0.01)),
+    ],
+)
 @pytest.mark.parametrize("granularity", ["stacked", "per_gate"])
 def test_decreases_procrustes_objective_and_stays_feasible(cls, kw, granularity):
     H = 5
@@ -108,6 +115,39 @@ def test_euclidean_groups_match_torch_adam(weight_decay):
     assert torch.allclose(a, b, atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("weight_decay", [0.0, 0.01])
+def test_euclidean_groups_match_torch_rmsprop(weight_decay):
+    g = torch.Generator().manual_seed(0)
+    a = nn.Parameter(torch.randn(4, 3, generator=g))
+    b = nn.Parameter(a.detach().clone())
+    ours = optim.CayleyRMSprop([a], lr=1e-2, alpha=0.9, weight_decay=weight_decay)
+    ref = torch.optim.RMSprop([b], lr=1e-2, alpha=0.9, weight_decay=weight_decay, foreach=False)
+    for _ in range(20):
+        grad = torch.randn(4, 3, generator=g)
+        a.grad, b.grad = grad.clone(), grad.clone()
+        ours.step()
+        ref.step()
+    assert torch.allclose(a, b, atol=1e-6, rtol=0)
+
+
+def test_rmsprop_stiefel_steps_follow_the_formula():
+    """Two steps written out: v = alpha v + (1 - alpha) mean(xi^2) per matrix, no bias correction,
+    X <- R_X(-lr xi / (sqrt(v) + eps)), xi the tangent projection of the gradient."""
+    p, target = _procrustes(12, 3, batch=(2,))
+    lr, alpha, eps = 0.05, 0.9, 1e-8
+    opt = optim.CayleyRMSprop([{"params": [p], "stiefel": True}], lr=lr, alpha=alpha, eps=eps)
+    X, v = p.detach().clone(), torch.zeros(2, dtype=p.dtype)
+    for _ in range(2):
+        opt.zero_grad()
+        (p - target).square().sum().backward()
+        xi = stiefel.proju(X, p.grad)
+        v = alpha * v + (1 - alpha) * xi.square().mean(dim=(-2, -1))
+        X = stiefel.retr_cayley(X, -(lr / (v.sqrt() + eps))[:, None, None] * xi)
+        opt.step()
+        assert torch.allclose(p.detach(), X, atol=1e-12)
+    assert stiefel.feasibility(X).max() < 1e-12
+
+
 def test_lstm_updated_in_place_and_batched_across_weights(monkeypatch):
     torch.manual_seed(0)
     lstm = nn.LSTM(3, 4, num_layers=2, bidirectional=True)
@@ -146,6 +186,10 @@ def test_bad_hyperparameters_raise():
         optim.CayleySGD([{"params": [q], "stiefel": True, "granularity": "cols"}])
     with pytest.raises(ValueError, match="momentum"):
         optim.CayleySGD([q], momentum=1.5)
+    with pytest.raises(ValueError, match=r"alpha must be a finite number >= 0 and < 1; got 1.0"):
+        optim.CayleyRMSprop([q], alpha=1.0)
+    with pytest.raises(ValueError, match=r"eps must be a finite number > 0; got 0"):
+        optim.CayleyRMSprop([q], eps=0)
 
 
 # -- torch.optim behaviour (issue 11 item 5) -----------------------------------------------------
@@ -292,7 +336,7 @@ def test_sgd_momentum_is_validated_per_group():
         optim.CayleySGD([first], momentum=1.5)
 
 
-@pytest.mark.parametrize("cls", [optim.CayleyAdam, optim.CayleySGD])
+@pytest.mark.parametrize("cls", [optim.CayleyAdam, optim.CayleySGD, optim.CayleyRMSprop])
 def test_batched_weight_with_per_gate_moves_each_block(cls):
     g = torch.Generator().manual_seed(3)
     blocks = stiefel.random_point(4, 4, 2, 3, generator=g, dtype=torch.float64)  # (2, 3, 4, 4)
@@ -310,7 +354,7 @@ def test_batched_weight_with_per_gate_moves_each_block(cls):
     assert stiefel.feasibility(w.detach().reshape(6, 4, 4)).max() < 1e-12
 
 
-@pytest.mark.parametrize("cls", [optim.CayleyAdam, optim.CayleySGD])
+@pytest.mark.parametrize("cls", [optim.CayleyAdam, optim.CayleySGD, optim.CayleyRMSprop])
 def test_state_dict_round_trip_continues_identically(cls):
     g = torch.Generator().manual_seed(4)
     p, e = _stiefel_param(), nn.Parameter(torch.randn(4, dtype=torch.float64))

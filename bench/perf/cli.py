@@ -31,7 +31,7 @@ import torch
 
 from ..cli import Parser, choice, number
 from ..errors import UsageError
-from ..methods import METHODS
+from ..methods import ALIASES, METHODS
 from ..provenance import environment_lines
 from . import paired, plan, report
 from .run import BENCH_DIR, run_benchmarks, time_methods
@@ -48,9 +48,9 @@ def parse_args(argv=None):
     p.add_argument(
         "--methods",
         nargs="+",
-        type=choice("method", METHODS),
+        type=choice("method", METHODS, ALIASES),
         default=None,
-        help="methods (default: every available one)",
+        help="methods (default: every available one; lstm is an alias of unconstrained)",
     )
     p.add_argument(
         "--hidden",

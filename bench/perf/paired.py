@@ -38,7 +38,7 @@ def interleaved_times(
     Parameters
     ----------
     fns : mapping of str to callable
-        The steps to compare, e.g. ``{"lstm": lstm_step, "cd": cd_step}``.
+        The steps to compare, e.g. ``{"unconstrained": base_step, "cd": cd_step}``.
     rounds : int
         Timed rounds (>= 1); round i of every function is paired.
     warmup : int

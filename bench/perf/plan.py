@@ -56,7 +56,7 @@ NUM_LAYERS = 2
 BIDIRECTIONAL = True
 PENALTY = 0.5
 #: the unconstrained method every other one is paired with (ratios are relative to it)
-REFERENCE = "lstm"
+REFERENCE = "unconstrained"
 #: default (warm-up, timed) rounds per device type
 DEFAULT_ROUNDS = {"cpu": (3, 5), "cuda": (10, 30)}
 DEFAULT_MAX_SECONDS = 30.0
@@ -179,7 +179,7 @@ def make_plan(
                         w, r = w0, r0
                         if costs:
                             paired = [m] if m == REFERENCE else [m, REFERENCE]  # each round also times one
-                            est = sum(costs[x][kind] for x in paired)  # REFERENCE step (paired_vs_lstm)
+                            est = sum(costs[x][kind] for x in paired)  # REFERENCE step (paired ratio)
                             w, r = rounds_for(est, w0, r0, max_seconds)
                             est_s = sum(costs[x]["build"] for x in paired) + (w + r) * est
                         plan.append(

@@ -1,9 +1,11 @@
 """``bench.perf``'s outputs: pytest-benchmark's JSON to ``table.csv`` / ``table.md``,
 ``relative_throughput.png`` and ``scaling.png`` (column names and ratios: docs/perf.md).
 
-Ratios are taken only between rows of the same file (the same run); ``paired_vs_lstm``
-pairs each round of a method with the ``lstm`` step timed right before it
-(:func:`bench.perf.paired.ratio_stats`) and is the figure to quote.
+Ratios are taken only between rows of the same file (the same run);
+``paired_vs_unconstrained`` pairs each round of a method with the ``unconstrained`` step timed
+right before it (:func:`bench.perf.paired.ratio_stats`) and is the figure to quote.  Files
+written by 0.1.0, where the method ``unconstrained`` was called ``lstm``, are read as well: their
+method names are mapped by :func:`bench.methods.canonical`.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import json
 import math
 from pathlib import Path
 
-from ..methods import METHODS
+from ..methods import METHODS, canonical
 from .paired import ratio_stats
 from .plan import KINDS, REFERENCE
 
@@ -23,13 +25,14 @@ def load_results(json_path):
     """One row per benchmark of a pytest-benchmark JSON file written by ``benchmarks/``.
 
     Columns: method, device, hidden, batch, kind, warmup, rounds, median_ms, samples_per_s,
-    ratio_to_lstm, paired_vs_lstm.  ``ratio_to_lstm`` is the median step time divided by
-    lstm's median of the same device, hidden, batch and kind in the same file (1.0 for
-    lstm; 2.0: twice as slow); NaN when lstm was not run.  ``paired_vs_lstm`` is a
-    throughput ratio (> 1: faster than lstm): the median over rounds of t_lstm / t_method,
-    where t_lstm is the lstm step timed right before each round of the method
-    (``extra_info["lstm_round_s"]``), so that drifts of the machine's speed between
-    benchmarks cancel; 1.0 for lstm, NaN without those timings.
+    ratio_to_unconstrained, paired_vs_unconstrained.  ``ratio_to_unconstrained`` is the median
+    step time divided by the ``unconstrained`` method's median of the same device, hidden, batch
+    and kind in the same file (1.0 for it; 2.0: twice as slow); NaN when it was not run.
+    ``paired_vs_unconstrained`` is a throughput ratio (> 1: faster than unconstrained): the median
+    over rounds of t_ref / t_method, where t_ref is the unconstrained step timed right before each
+    round of the method (``extra_info["reference_round_s"]``; ``"lstm_round_s"`` in files written
+    by 0.1.0), so that drifts of the machine's speed between benchmarks cancel; 1.0 for
+    unconstrained, NaN without those timings.
     """
     import pandas as pd
 
@@ -40,17 +43,18 @@ def load_results(json_path):
         if "method" not in info:
             continue
         median = bm["stats"]["median"]
-        lstm_s, method_s = info.get("lstm_round_s"), bm["stats"].get("data")
+        ref_s, method_s = info.get("reference_round_s", info.get("lstm_round_s")), bm["stats"].get("data")
+        method = canonical(info["method"])
         paired = (
             1.0
-            if info["method"] == REFERENCE
-            else ratio_stats(lstm_s, method_s)["ratio"]
-            if lstm_s and method_s and len(lstm_s) == len(method_s)
+            if method == REFERENCE
+            else ratio_stats(ref_s, method_s)["ratio"]
+            if ref_s and method_s and len(ref_s) == len(method_s)
             else math.nan
         )
         rows.append(
             {
-                "method": info["method"],
+                "method": method,
                 "device": info["device"],
                 "hidden": int(info["hidden"]),
                 "batch": int(info["batch"]),
@@ -59,7 +63,7 @@ def load_results(json_path):
                 "rounds": int(bm["stats"]["rounds"]),
                 "median_ms": 1e3 * median,
                 "samples_per_s": info["samples"] / median,
-                "paired_vs_lstm": paired,
+                "paired_vs_unconstrained": paired,
             }
         )
     cols = [
@@ -72,16 +76,16 @@ def load_results(json_path):
         "rounds",
         "median_ms",
         "samples_per_s",
-        "paired_vs_lstm",
+        "paired_vs_unconstrained",
     ]
     df = pd.DataFrame(rows, columns=cols)
     key = ["device", "hidden", "batch", "kind"]
-    ref = df[df["method"] == REFERENCE].set_index(key)["median_ms"].rename("_lstm_ms")
+    ref = df[df["method"] == REFERENCE].set_index(key)["median_ms"].rename("_ref_ms")
     df = df.join(ref, on=key)
-    df["ratio_to_lstm"] = df["median_ms"] / df["_lstm_ms"]
-    df = df[[c for c in df.columns if c != "paired_vs_lstm"] + ["paired_vs_lstm"]]
+    df["ratio_to_unconstrained"] = df["median_ms"] / df["_ref_ms"]
+    df = df[[c for c in df.columns if c != "paired_vs_unconstrained"] + ["paired_vs_unconstrained"]]
     order = {m: i for i, m in enumerate(METHODS)}
-    df = df.drop(columns="_lstm_ms").sort_values(
+    df = df.drop(columns="_ref_ms").sort_values(
         ["device", "kind", "hidden", "batch", "method"],
         key=lambda s: s.map(order) if s.name == "method" else s,
         ascending=[True, False, True, True, True],
@@ -96,8 +100,8 @@ def write_tables(df, out: Path) -> None:
     md = df.assign(
         median_ms=df["median_ms"].map("{:.2f}".format),
         samples_per_s=df["samples_per_s"].map("{:.0f}".format),
-        ratio_to_lstm=df["ratio_to_lstm"].map(ratio),
-        paired_vs_lstm=df["paired_vs_lstm"].map(ratio),
+        ratio_to_unconstrained=df["ratio_to_unconstrained"].map(ratio),
+        paired_vs_unconstrained=df["paired_vs_unconstrained"].map(ratio),
     )
     (out / "table.md").write_text(md.to_markdown(index=False) + "\n")
 
@@ -121,9 +125,9 @@ def _methods_in(df) -> list[str]:
 
 
 def plot_relative(df, path: Path) -> None:
-    """Bars of each method's throughput relative to lstm per (hidden, batch), lstm being
-    the line at 1; one panel per device and kind.  The bar is ``paired_vs_lstm`` (paired
-    within rounds) where measured, else lstm's median time / the method's."""
+    """Bars of each method's throughput relative to unconstrained per (hidden, batch), unconstrained
+    being the line at 1; one panel per device and kind.  The bar is ``paired_vs_unconstrained``
+    (paired within rounds) where measured, else unconstrained's median time / the method's."""
     import numpy as np
 
     plt = _pyplot()
@@ -144,20 +148,23 @@ def plot_relative(df, path: Path) -> None:
         width = 0.8 / max(1, len(methods))
         top = 1.0
         idx = sub.set_index(["method", "hidden", "batch"])
-        rel_of = (1.0 / idx["ratio_to_lstm"]).where(idx["paired_vs_lstm"].isna(), idx["paired_vs_lstm"])
+        paired = idx["paired_vs_unconstrained"]
+        rel_of = (1.0 / idx["ratio_to_unconstrained"]).where(paired.isna(), paired)
         for i, m in enumerate(methods):
             rel = [rel_of.get((m, h, b), np.nan) for h, b in combos]
             ax.bar(x + (i - (len(methods) - 1) / 2) * width, rel, width, label=m, color=_color(m))
             top = max([top, *[v for v in rel if v == v]])
-        ax.axhline(1.0, color="k", lw=0.8, label="lstm")
+        ax.axhline(1.0, color="k", lw=0.8, label=REFERENCE)
         ax.set_xticks(x, [f"H{h}\nB{b}" for h, b in combos])
         ax.set_ylim(0, 1.15 * top)
-        ax.set_ylabel("samples/s relative to lstm")
+        ax.set_ylabel(f"samples/s relative to {REFERENCE}")
         ax.set_title(f"{kind} step, {device}", fontsize=10)
     handles, labels = axes[0, 0].get_legend_handles_labels()
     fig.legend(handles, labels, fontsize=8, ncol=len(labels), loc="upper center", frameon=False)
     fig.suptitle(
-        "median over rounds of t_lstm / t_method, each round paired with an lstm step", fontsize=9, y=0.955
+        f"median over rounds of t_{REFERENCE} / t_method, each round paired with an {REFERENCE} step",
+        fontsize=9,
+        y=0.955,
     )
     fig.tight_layout(rect=(0, 0, 1, 0.93))
     fig.savefig(path, dpi=120)
@@ -166,18 +173,18 @@ def plot_relative(df, path: Path) -> None:
 
 def plot_scaling(df, path: Path) -> None:
     """Train-step samples/s against hidden size per method, log-log; one panel per device
-    and batch size.  lstm's line is its measured samples/s; another method's is lstm's
-    samples/s times its ``paired_vs_lstm`` where measured (so a drift of the machine's
-    speed between benchmarks does not show as a method outrunning lstm), else its own
+    and batch size.  unconstrained's line is its measured samples/s; another method's is
+    unconstrained's samples/s times its ``paired_vs_unconstrained`` where measured (so a drift of
+    the machine's speed between benchmarks does not show as a method outrunning it), else its own
     measured samples/s."""
     from matplotlib.ticker import NullLocator
 
     plt = _pyplot()
     train = df[df["kind"] == "train"].copy()
     key = ["device", "hidden", "batch"]
-    ref = train[train["method"] == REFERENCE].set_index(key)["samples_per_s"].rename("_lstm_sps")
+    ref = train[train["method"] == REFERENCE].set_index(key)["samples_per_s"].rename("_ref_sps")
     train = train.join(ref, on=key)
-    paired = train["_lstm_sps"] * train["paired_vs_lstm"]
+    paired = train["_ref_sps"] * train["paired_vs_unconstrained"]
     train["samples_per_s"] = paired.where(paired.notna(), train["samples_per_s"])
     panels = sorted({(d, b) for d, b in zip(train["device"], train["batch"])})
     fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(5 * max(1, len(panels)), 4), squeeze=False)
