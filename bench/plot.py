@@ -48,8 +48,10 @@ def _save(fig, path: Path, dpi: int = 110) -> None:
 def _read(folder: Path):
     runs = pd.read_csv(folder / "runs.csv")
     hist = pd.read_csv(folder / "history.csv") if (folder / "history.csv").is_file() else pd.DataFrame()
-    if not hist.empty and "kind" not in hist:
-        hist["kind"] = "epoch"  # files from before step-level logging hold epoch rows only
+    if not hist.empty:
+        # rows written before step-level logging are epoch rows: the whole file (no kind column)
+        # or, in a folder resumed since, the rows whose kind is empty
+        hist["kind"] = hist["kind"].fillna("epoch") if "kind" in hist else "epoch"
     return runs, hist
 
 
