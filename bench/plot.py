@@ -706,6 +706,13 @@ def write_summary(runs: pd.DataFrame, st: pd.DataFrame, folder: Path, images: li
                 "`step_vs_baseline`: steady-state steps timed interleaved with the baseline's.",
                 "",
             ]
+            if "perf_iters" in runs and runs["perf_iters"].min() < 10:
+                lines += [
+                    f"`step_vs_baseline` comes from only {int(runs['perf_iters'].min())} interleaved rounds "
+                    "per run: read it as a smoke check, not a measurement (the whole-run figures are not "
+                    "affected).",
+                    "",
+                ]
         else:
             lines += [
                 "This folder predates whole-run throughput: `train_samples_per_s` here is a short timed "

@@ -804,11 +804,14 @@ _ADDING_PROFILES = {
 
 
 # Targets per profile (validation metric; what each profile reaches: docs/tasks.md).  Accuracy
-# targets sit below what every method reached at that budget on this project's CPU, so that
-# steps and seconds to target compare methods rather than record "never".
-_SMNIST_TARGETS = {"smoke": 0.6, "quick": 0.85, "paper": 0.97}
-_DIGITS_TARGETS = {"smoke": 0.85, "quick": 0.5, "paper": 0.9}
-# pixel MNIST: smoke and quick stay at chance (0.1) for an LSTM; 0.2 marks leaving the plateau
+# targets sit below the final validation accuracy of every method measured at that budget on
+# this project's CPU (seed 0), so that steps and seconds to target compare methods rather than
+# record "never".  smnist paper: the notebook reaches 98.4 % test accuracy.
+_SMNIST_TARGETS = {"smoke": 0.7, "quick": 0.8, "paper": 0.97}
+_DIGITS_TARGETS = {"smoke": 0.85, "quick": 0.3, "paper": 0.7}
+# pixel MNIST: at smoke and quick an LSTM stays at chance (0.1): 0.2 marks leaving the plateau
+# (expect "never"); paper: not measured here (no GPU), below the LSTM's ~0.9 (pmnist) to ~0.98
+# (psmnist) of the literature (Le et al. 2015; Arjovsky et al. 2016; Helfrich et al. 2018)
 _PIXEL_TARGETS = {"smoke": 0.2, "quick": 0.2, "paper": 0.9}
 #: copying: 10 % of the memoryless baseline's cross-entropy (recall clearly learnt)
 COPYING_TARGET_FRACTION = 0.1

@@ -53,6 +53,7 @@ def check_acceptance_folder(out: Path, methods: set[str], seeds: int) -> None:
     summary = (out / "summary.md").read_text()
     assert "## Paired differences" in summary and "## Time to target" in summary
     assert "predates whole-run throughput" not in summary  # the old caveat no longer applies
+    assert "comes from only 2 interleaved rounds" in summary  # the smoke profile's perf_iters
 
 
 @pytest.mark.slow(reason="18 runs of the digits smoke profile and the plots: about a minute on 2 cores")
