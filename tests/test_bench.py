@@ -127,8 +127,6 @@ def test_smoke_sweep_on_real_mnist_end_to_end(mnist_dir, tmp_path):
 def test_full_test_set_is_scored(mnist_dir):
     task = get_task(RunConfig(method="lstm", task="smnist", test_subset=None), mnist_dir)
     assert task.n_test == 10_000 and task.n_train == 55_000 and task.n_val == 5_000
-    task = get_task(RunConfig(method="lstm", task="smnist", test_subset=None, val_size=0), mnist_dir)
-    assert task.n_test == 10_000 and task.n_train == 60_000 and task.val is None
 
 
 BAD = [

@@ -30,16 +30,17 @@ def test_mnist_holds_out_the_last_5000_training_images(mnist_dir):
     sub = tasks.load_task("smnist", data_dir=mnist_dir, train_subset=1000, val_size=59_500)
     assert sub.n_train == 500 and torch.equal(sub.train[0], raw["train_x"][:500].float() / 255)
     # a profile that scores part of the test set validates on no more images than it tests on
-    small = tasks.load_task("psmnist", data_dir=mnist_dir, train_subset=64, test_subset=64)
+    small = tasks.load_task("smnist", data_dir=mnist_dir, train_subset=64, test_subset=64)
     assert small.n_val == 64 and torch.equal(small.val[1], raw["train_y"][-64:])
 
 
 def test_mnist_val_size_zero_is_the_old_task(mnist_dir):
     raw = tasks.load_mnist_tensors(mnist_dir)
-    for name in ("smnist", "pmnist"):
-        task = tasks.load_task(name, data_dir=mnist_dir, train_subset=None, val_size=0)
-        assert task.val is None and task.n_train == 60_000
-        assert torch.equal(task.train[1], raw["train_y"])
+    task = tasks.load_task("smnist", data_dir=mnist_dir, train_subset=None, val_size=0)
+    assert task.val is None and task.n_train == 60_000
+    assert torch.equal(task.train[1], raw["train_y"])
+    pixels = tasks.load_task("pmnist", data_dir=mnist_dir, train_subset=100, test_subset=10, val_size=0)
+    assert pixels.val is None and torch.equal(pixels.train[1], raw["train_y"][:100])
 
 
 def test_digits_validation_is_stratified_and_disjoint():
