@@ -12,8 +12,9 @@ Usage::
 The grid is the cartesian product of the list-valued flags; ``--penalty`` multiplies
 only the methods that use a penalty.  Flags left out take the task's profile
 (``bench.tasks.TASKS[task].profiles``).  Results go to ``--out`` (default
-``results/<task>-<profile>/``): runs.csv, history.csv, meta.json, PNG plots and
-summary.md.  Runs already recorded ``ok`` there are skipped (``--force`` reruns them).
+``results/<task>-<profile>/``): runs.csv, history.csv, meta.json, stats.csv, PNG plots
+and summary.md.  Runs already recorded ``ok`` there are skipped (``--force`` reruns
+them).  ``--dry-run`` prints the plan and an estimate of its time and writes nothing.
 
 Exit status: 0 when every planned run is ``ok``, 3 when some diverged or failed,
 2 on bad input (nothing written).
@@ -25,6 +26,7 @@ import argparse
 import dataclasses
 import itertools
 import shlex
+import statistics
 import sys
 from pathlib import Path
 
@@ -36,7 +38,7 @@ from .errors import DataError, FolderBusy, UsageError
 from .executors import make_executor
 from .methods import ALIASES, METHODS, OPTIMIZERS
 from .provenance import environment, git_commit, utc_now, write_meta
-from .runner import RunConfig, get_task
+from .runner import AMP_MODES, SCHEDULES, RunConfig, get_task
 from .store import ResultStore
 from .tasks import PROFILES, TASKS, default_data_dir
 
@@ -136,7 +138,53 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--perf-iters",
         type=positive("perf-iters"),
-        help="timed steps for the throughput columns; default: from the profile",
+        help="timed rounds of the steady-state throughput columns; default: from the profile",
+    )
+    p.add_argument(
+        "--val-size",
+        type=number("val-size", int, minimum=0),
+        help="validation examples held out (0: none); default: the task's (MNIST: the last 5,000 "
+        "training images)",
+    )
+    p.add_argument(
+        "--log-every",
+        type=positive("log-every"),
+        help="log every K optimiser steps; default: at least 50 logged steps per run",
+    )
+    p.add_argument(
+        "--eval-every",
+        type=positive("eval-every"),
+        help="validation metric every K optimiser steps; default: about 10 per run, at least one per epoch",
+    )
+    p.add_argument(
+        "--target",
+        type=number("target", float),
+        help="validation metric to reach for steps/seconds to target; default: the task's for the profile",
+    )
+    p.add_argument(
+        "--schedule",
+        nargs="+",
+        type=choice("schedule", SCHEDULES),
+        help="learning-rate schedule, stepped per optimiser step on every group; default: constant",
+    )
+    p.add_argument(
+        "--clip",
+        nargs="+",
+        type=number("clip", float, minimum=0, strict=True),
+        help="clip the gradient norm of all parameters to this before each step; default: no clipping",
+    )
+    p.add_argument(
+        "--weight-decay",
+        nargs="+",
+        type=number("weight-decay", float, minimum=0),
+        help="L2 weight decay of the parameters other than the recurrent weights; default: 0",
+    )
+    p.add_argument(
+        "--amp",
+        nargs="+",
+        type=choice("amp", AMP_MODES),
+        help="mixed precision: off, bf16 (autocast, CPU and CUDA), fp16 (autocast + GradScaler, CUDA "
+        "only); default: off",
     )
     p.add_argument("--data-dir", default=None, help="MNIST root (default: $BENCH_DATA_DIR or ./data)")
     p.add_argument("--out", default=None, help="output folder (default: results/<task>-<profile>)")
@@ -145,7 +193,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--checkpoints", action="store_true", help="save a checkpoint after every epoch; resume from it"
     )
     p.add_argument("--no-plots", action="store_true", help="skip plots and summary.md")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress output (bars on a terminal, one-line messages otherwise)",
+    )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the plan (runs, runs already ok) and an estimate of its time; write nothing",
+    )
     p.add_argument("--executor", type=choice("executor", ["local", "dask"]), default="local")
     p.add_argument("--scheduler", default=None, help="dask scheduler address (with --executor dask)")
     p.add_argument(
@@ -303,6 +360,7 @@ def make_plan(args) -> tuple[list[RunConfig], list[str], str]:
                         nonlinearity=nonlin,
                     )
                 )
+    plan = _with_recipe(plan, args)
     seen, unique = set(), []
     for cfg in plan:
         if cfg.run_id not in seen:
@@ -311,7 +369,44 @@ def make_plan(args) -> tuple[list[RunConfig], list[str], str]:
     return unique, notices, profile
 
 
-_DEFAULTS = {f.name: f.default for f in dataclasses.fields(RunConfig)}
+def _with_recipe(plan: list[RunConfig], args) -> list[RunConfig]:
+    """Each planned run once per combination of the recipe flags (--schedule, --clip,
+    --weight-decay, --amp), with --val-size, --log-every, --eval-every and --target set.
+
+    Raises
+    ------
+    UsageError
+        ``--amp fp16`` with a device other than cuda in the plan.
+    """
+    amps = args.amp or ["off"]
+    if "fp16" in amps and any(c.device != "cuda" for c in plan):
+        devices = sorted({c.device for c in plan if c.device != "cuda"})
+        raise UsageError(
+            f"--amp fp16 needs --device cuda (float16 training uses a CUDA GradScaler); the plan has "
+            f"device {', '.join(devices)}; allowed there: off, bf16"
+        )
+    single = {
+        "log_every": args.log_every,
+        "eval_every": args.eval_every,
+        "target": args.target,
+    }
+    single = {k: v for k, v in single.items() if v is not None}
+    recipe = itertools.product(
+        args.schedule or ["constant"], args.clip or [None], args.weight_decay or [0.0], amps
+    )
+    recipe = list(recipe)
+
+    def val_size(cfg: RunConfig) -> int:
+        # written into the configuration (so into run_id): 0, 0.1.0's behaviour, is the field's default
+        if args.val_size is not None:
+            return args.val_size
+        return TASKS[cfg.task].default_val_size(cfg.test_subset)
+
+    return [
+        dataclasses.replace(cfg, schedule=s, clip=c, weight_decay=wd, amp=a, val_size=val_size(cfg), **single)
+        for cfg in plan
+        for s, c, wd, a in recipe
+    ]
 
 
 def _print_plan(plan, done, notices, out):
@@ -325,16 +420,172 @@ def _print_plan(plan, done, notices, out):
         mark = "skip" if c.run_id in done else "run "
         pen = "" if c.penalty_param is None else f" penalty_param={c.penalty_param:g}"
         cell = f"{c.cell}({c.nonlinearity})" if c.cell == "rnn" else c.cell
-        extra = "".join(
-            f" {k}={v}" for k, v in (("init", c.init), ("optimizer", c.optimizer)) if v != _DEFAULTS[k]
-        )
         lrc = "" if c.lr_constrained is None else f" lr_constrained={c.lr_constrained:g}"
         print(
             f"  {mark} {c.run_id} {c.method:<16} {cell:<9} {c.task} L={c.num_layers} H={c.hidden_size} "
             f"{'bi' if c.bidirectional else 'uni'} {c.granularity}{pen} seed={c.seed} epochs={c.epochs} "
-            f"bs={c.batch_size} lr={c.lr:g}{lrc}{extra} {c.device}"
+            f"bs={c.batch_size} lr={c.lr:g}{lrc} {c.device}{_recipe_text(c)}"
         )
     return todo
+
+
+def _recipe_text(c: RunConfig) -> str:
+    """`` schedule=onecycle clip=1 ...``: the fields added after 0.1.0 that are not at their default
+    (the cell and its nonlinearity have their own column)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(RunConfig)}
+    parts = []
+    for name in sorted(RunConfig.ADDED_FIELDS - {"cell", "nonlinearity"}):
+        v = getattr(c, name)
+        if v != defaults[name]:
+            parts.append(f"{name}={v:g}" if isinstance(v, float) else f"{name}={v}")
+    return "".join(f" {p}" for p in parts)
+
+
+# ---------------------------------------------------------------------------------------
+# --dry-run: the plan and an estimate of its time
+
+
+def _shape(
+    method, task, num_layers, hidden_size, bidirectional, granularity, batch_size, device, seq_len, amp
+):
+    return tuple(
+        str(v)
+        for v in (
+            method,
+            task,
+            num_layers,
+            hidden_size,
+            bidirectional,
+            granularity,
+            batch_size,
+            device,
+            seq_len,
+            amp,
+        )
+    )
+
+
+def _samples(epochs, n_train, batch_size, generated: bool) -> float:
+    """Training samples of a run (generated tasks: n_train is batches per epoch)."""
+    return float(epochs) * float(n_train) * (float(batch_size) if generated else 1.0)
+
+
+def _recorded_seconds_per_sample(rows: list[dict], tasks: dict) -> dict:
+    """{shape: median over the ok runs of that shape of wall_s / training samples} from runs.csv rows."""
+    per = {}
+    for r in rows:
+        try:
+            if r.get("status") != "ok" or r.get("task") not in tasks:
+                continue
+            key = _shape(
+                r["method"],
+                r["task"],
+                r["num_layers"],
+                r["hidden_size"],
+                r["bidirectional"],
+                r["granularity"],
+                r["batch_size"],
+                r["device"],
+                r["seq_len"],
+                r.get("amp") or "off",
+            )
+            n = _samples(r["epochs"], r["n_train"], r["batch_size"], tasks[r["task"]].train is None)
+            per.setdefault(key, []).append(float(r["wall_s"]) / n)
+        except (KeyError, TypeError, ValueError, ZeroDivisionError):
+            continue  # a row of an older or foreign layout: no estimate from it
+    return {k: statistics.median(v) for k, v in per.items()}
+
+
+def _measured_seconds(cfg: RunConfig, task) -> float:
+    """A rough time of ``cfg`` from one warm-up and one timed train step and eval forward
+    (``bench.runner.make_steps``): its steps, evaluations (validation, epoch-end tests) and
+    throughput rounds."""
+    import time
+
+    from .runner import logging_intervals, make_steps
+
+    steps = make_steps(cfg, task)
+    timed = {}
+    for kind in ("train", "eval"):
+        fn = getattr(steps, kind)
+        fn()
+        t0 = time.perf_counter()
+        fn()
+        timed[kind] = time.perf_counter() - t0
+    per_epoch = -(-task.n_train // cfg.batch_size) if task.train is not None else task.batches_per_epoch
+    total = cfg.epochs * per_epoch
+    _, eval_every = logging_intervals(cfg, per_epoch)
+    evaluations = (total // eval_every + 1) if task.val is not None else 0
+    eval_samples = evaluations * task.n_val + (cfg.epochs + 3) * task.n_test
+    rounds = 2 * (cfg.perf_iters + 3)  # the step and the paired baseline step
+    return (total + rounds) * timed["train"] + eval_samples / steps.batch_size * timed["eval"]
+
+
+def estimate(todo: list[RunConfig], rows: list[dict], data_dir) -> list[tuple[RunConfig, float, str]]:
+    """``(cfg, seconds, source)`` per run to do: from the throughput already recorded in the
+    folder for runs of the same shape (method, task, layers, hidden size, direction,
+    granularity, batch size, device, sequence length, amp), scaled by the training samples;
+    otherwise measured (one train step and one eval forward after a warm-up one)."""
+    tasks = {c.task: get_task(c, data_dir) for c in todo}
+    recorded = _recorded_seconds_per_sample(rows, tasks)
+    measured, out = {}, []
+    for c in todo:
+        task = get_task(c, data_dir)
+        key = _shape(
+            c.method,
+            c.task,
+            c.num_layers,
+            c.hidden_size,
+            c.bidirectional,
+            c.granularity,
+            c.batch_size,
+            c.device,
+            task.seq_len,
+            c.amp,
+        )
+        if key in recorded:
+            n = _samples(c.epochs, task.n_train, c.batch_size, task.train is None)
+            out.append((c, recorded[key] * n, "recorded"))
+        else:
+            if key not in measured:
+                measured[key] = _measured_seconds(c, task)
+            out.append((c, measured[key], "measured"))
+    return out
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 10:
+        return f"{seconds:.1f} s"
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def dry_run(plan, notices, out: Path, data_dir, force: bool) -> int:
+    """Print the plan, the runs already ok in ``out`` and an estimate of the time of the
+    others; write nothing (``out`` is only read)."""
+    from .store import read_rows
+
+    rows = read_rows(out / "runs.csv")
+    done = set() if force else {r.get("run_id") for r in rows if r.get("status") == "ok"}
+    todo = _print_plan(plan, done, notices, out)
+    est = estimate(todo, rows, data_dir)
+    by, per_method = {"recorded": 0, "measured": 0}, {}
+    for c, seconds, source in est:
+        by[source] += 1
+        per_method.setdefault((c.method, source), []).append(seconds)
+    for (method, source), secs in per_method.items():
+        print(f"  estimate {method:<16} {len(secs)} runs, {_duration(sum(secs))} ({source})")
+    total = sum(s for _, s, _ in est)
+    print(
+        f"estimated time for the {len(todo)} runs to do: about {_duration(total)} in one process "
+        f"({by['recorded']} from the throughput recorded in {out}, {by['measured']} from one measured step "
+        f"each; rough: evaluation included from sizes, not measured)"
+    )
+    print("dry run: nothing written")
+    return 0
 
 
 def _sweep(
@@ -394,10 +645,12 @@ def main(argv=None) -> int:
         if not plan:
             raise UsageError("the grid is empty: no method applies to the chosen granularity/methods")
         data_dir = args.data_dir or default_data_dir()
-        for cfg in {(c.task, c.train_subset, c.test_subset, c.seq_len): c for c in plan}.values():
+        for cfg in {(c.task, c.train_subset, c.test_subset, c.seq_len, c.val_size): c for c in plan}.values():
             get_task(cfg, data_dir)  # fail now, before anything is written, if data is missing
         tasks = sorted({c.task for c in plan})
         out = Path(args.out or Path("results") / f"{'+'.join(tasks)}-{profile}")
+        if args.dry_run:
+            return dry_run(plan, notices, out, data_dir, args.force)
         executor = make_executor(args.executor, scheduler=args.scheduler, workers=args.workers)
     except (UsageError, DataError, ValueError) as e:
         print(f"bench.ablate: error: {e}", file=sys.stderr)

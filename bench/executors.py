@@ -5,7 +5,8 @@ every result to ``on_result(cfg, row, history)`` in the driver process, which al
 writes the result files (so resume and crash safety do not depend on the executor).
 
 * ``local``: one run after another in this process (progress bars over runs and
-  within each epoch).
+  within each epoch when stderr is a terminal; one plain line per run and per epoch
+  otherwise, so that a log redirected to a file holds no escape codes).
 * ``dask``: one Dask task per run on a ``dask.distributed`` cluster, either an existing
   scheduler (``--scheduler ADDRESS``) or a ``LocalCluster`` of ``--workers N``
   single-threaded worker processes started here.  See ``docs/dask.md``.
@@ -19,6 +20,7 @@ import logging
 import os
 import socket
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -39,36 +41,66 @@ class LocalExecutor:
     def close(self) -> None:
         pass
 
-    def run(self, plan: list[RunConfig], on_result, *, data_dir, checkpoint_dir=None, progress=True) -> None:
+    def run(
+        self, plan: list[RunConfig], on_result, *, data_dir, checkpoint_dir=None, progress=True, stream=None
+    ) -> None:
+        """Run ``plan`` one run after another, passing each result to ``on_result``.
+
+        ``progress``: bars (tqdm) on ``stream`` (default ``sys.stderr``) when it is a
+        terminal, one-line messages on it otherwise (one when a run starts, one per epoch
+        done); nothing when False.
+        """
         from tqdm.auto import tqdm
 
+        stream = sys.stderr if stream is None else stream
+        bars = progress and _is_terminal(stream)
         host = socket.gethostname()
-        runs = tqdm(plan, desc="runs", unit="run", disable=not progress, position=0)
-        for cfg in runs:
+        runs = tqdm(plan, desc="runs", unit="run", disable=not bars, position=0, file=stream)
+        for k, cfg in enumerate(runs):
             runs.set_postfix_str(f"{cfg.method} {cfg.task}")
             bar = tqdm(
                 total=0,
                 desc=f"{cfg.method} epoch",
                 unit="batch",
                 leave=False,
-                disable=not progress,
+                disable=not bars,
                 position=1,
+                file=stream,
             )
+            what = f"run {k + 1}/{len(plan)} {cfg.run_id} {cfg.method} {cfg.task} seed {cfg.seed}"
+            started = time.perf_counter()
 
-            def tick(done, total, epoch, bar=bar):
-                if bar.total != total:
-                    bar.reset(total=total)
-                    bar.set_description(f"{cfg.method} epoch {epoch + 1}/{cfg.epochs}")
-                bar.n = done
-                if done == total or done % 20 == 0:
-                    bar.refresh()
+            def tick(done, total, epoch, bar=bar, what=what, started=started):
+                if bars:
+                    if bar.total != total:
+                        bar.reset(total=total)
+                        bar.set_description(f"{cfg.method} epoch {epoch + 1}/{cfg.epochs}")
+                    bar.n = done
+                    if done == total or done % 20 == 0:
+                        bar.refresh()
+                elif done == total:
+                    print(
+                        f"bench: {what}: epoch {epoch + 1}/{cfg.epochs} done "
+                        f"({time.perf_counter() - started:.1f} s)",
+                        file=stream,
+                        flush=True,
+                    )
 
+            if progress and not bars:
+                print(f"bench: {what} started", file=stream, flush=True)
             row, history = run_one(
                 cfg, data_dir=data_dir, checkpoint_dir=checkpoint_dir, progress=tick if progress else None
             )
             bar.close()
             row.update(executor="local", worker="local", host=host)
             on_result(cfg, row, history)
+
+
+def _is_terminal(stream) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
 
 
 def run_on_worker(cfg: RunConfig, data_dir, checkpoint_dir) -> tuple[dict, list[dict]]:

@@ -48,8 +48,10 @@ def _save(fig, path: Path, dpi: int = 110) -> None:
 def _read(folder: Path):
     runs = pd.read_csv(folder / "runs.csv")
     hist = pd.read_csv(folder / "history.csv") if (folder / "history.csv").is_file() else pd.DataFrame()
-    if not hist.empty and "kind" not in hist:
-        hist["kind"] = "epoch"  # files from before step-level logging hold epoch rows only
+    if not hist.empty:
+        # rows written before step-level logging are epoch rows: the whole file (no kind column)
+        # or, in a folder resumed since, the rows whose kind is empty
+        hist["kind"] = hist["kind"].fillna("epoch") if "kind" in hist else "epoch"
     return runs, hist
 
 
@@ -707,6 +709,13 @@ def write_summary(runs: pd.DataFrame, st: pd.DataFrame, folder: Path, images: li
                 "`step_vs_baseline`: steady-state steps timed interleaved with the baseline's.",
                 "",
             ]
+            if "perf_iters" in runs and runs["perf_iters"].min() < 10:
+                lines += [
+                    f"`step_vs_baseline` comes from only {int(runs['perf_iters'].min())} interleaved rounds "
+                    "per run: read it as a smoke check, not a measurement (the whole-run figures are not "
+                    "affected).",
+                    "",
+                ]
         else:
             lines += [
                 "This folder predates whole-run throughput: `train_samples_per_s` here is a short timed "

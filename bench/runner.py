@@ -10,16 +10,35 @@ Every key of those rows is a column: :data:`RUN_COLUMNS` (the RunConfig fields,
 The trainer knows no method: it asks the method's :class:`bench.methods.Built` for the
 optimiser, the penalty, the recurrent weights, the projected plain module and the
 optimiser's counters, and ``Method.constrained`` for whether feasibility can explode.
+
+What a run records (docs: README "Reading results/"):
+
+* every ``log_every`` optimiser steps a ``history.csv`` row of kind ``step``: training loss
+  and penalty averaged over the steps since the previous logged step of the epoch,
+  feasibility of the raw and effective recurrent weights, the learning rate, and every
+  ``eval_every`` steps (and at the last step) the validation metric;
+* at the end of every epoch a row of kind ``epoch`` with the test metric;
+* in ``runs.csv`` the test metric at the final step and with the weights of the best
+  validation evaluation (``test_metric_at_best_val``: model selection never looks at the
+  test set), the first logged step and training second at which the validation metric
+  reached the task's target, the whole run's training throughput, and a paired
+  steady-state micro-measurement (:func:`measure_throughput`).
+
+Training time (``train_wall_s``, ``train_s``) excludes logging and evaluation: each logged
+step synchronises the device, reads the clock, logs, synchronises again and subtracts what
+it took.  Between logged steps nothing waits for the device (losses are summed on it).
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import hashlib
 import json
 import math
 import os
+import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -34,10 +53,15 @@ from cdcore import weight_feasibility
 from . import cells, measure
 from .errors import Diverged
 from .methods import LEGACY_NAMES, METHODS, Built, Method, canonical
+from .perf.paired import interleaved_times, ratio_stats
 from .tasks import TASKS, Task, load_task
 
 __all__ = [
+    "AMP_MODES",
+    "EVALUATIONS",
     "HISTORY_COLUMNS",
+    "MIN_LOGGED_POINTS",
+    "SCHEDULES",
     "MEASURED_COLUMNS",
     "PROVENANCE_COLUMNS",
     "RUN_COLUMNS",
@@ -46,11 +70,16 @@ __all__ = [
     "SeqModel",
     "Steps",
     "Training",
+    "amp_context",
+    "baseline_method",
     "build",
     "derive_seed",
     "evaluate",
     "final_metrics",
+    "make_optimizer",
+    "make_scheduler",
     "make_steps",
+    "make_train_step",
     "measure_throughput",
     "run_one",
     "start_training",
@@ -60,6 +89,14 @@ __all__ = [
 
 #: feasibility ||W^T W - I||_F above which a constrained run counts as diverged
 FEASIBILITY_EXPLODED = 1e3
+#: learning-rate schedules (``RunConfig.schedule``), stepped once per optimiser step
+SCHEDULES = ("constant", "cosine", "onecycle")
+#: mixed-precision modes (``RunConfig.amp``); fp16 needs CUDA
+AMP_MODES = ("off", "bf16", "fp16")
+#: logged steps per run at least, when ``log_every`` is automatic
+MIN_LOGGED_POINTS = 50
+#: validation evaluations per run aimed at when ``eval_every`` is automatic (and >= 1 per epoch)
+EVALUATIONS = 10
 
 
 @dataclass(frozen=True)
@@ -91,15 +128,42 @@ class RunConfig:
     train_subset: int | None = None  # None: the whole training set
     test_subset: int | None = None  # None: the whole test set
     seq_len: int | None = None  # tasks with the seq_len option only
-    perf_iters: int = 20  # timed steps for the throughput figures
+    perf_iters: int = 20  # timed rounds of the steady-state throughput figures
+    # ---- fields added after 0.1.0 (listed in ADDED_FIELDS) ----
+    val_size: int = 0  # held-out validation examples; 0: none (bench.ablate fills the task's default)
+    log_every: int | None = None  # None: automatic, >= MIN_LOGGED_POINTS logged steps per run
+    eval_every: int | None = None  # None: automatic, about EVALUATIONS per run, >= 1 per epoch
+    target: float | None = None  # None: the task's target for the profile
+    schedule: str = "constant"  # constant | cosine | onecycle
+    clip: float | None = None  # max gradient norm (all parameters), None: no clipping
+    weight_decay: float = 0.0  # L2, on parameters other than the recurrent weights
+    amp: str = "off"  # off | bf16 | fp16 (CUDA only)
     cell: str = cells.DEFAULT_CELL
     init: str = cells.DEFAULT_INIT
     optimizer: str = "adam"
     nonlinearity: str = "tanh"  # the rnn cell's; other cells ignore it
 
-    #: fields added after 0.1.0: each enters ``run_id`` only when it differs from its default, so
-    #: the run_ids of results folders written before it existed stay valid
-    ADDED_AFTER_0_1: ClassVar[frozenset[str]] = frozenset({"cell", "init", "optimizer", "nonlinearity"})
+    #: Fields added after 0.1.0.  Each enters ``run_id`` only when it differs from its
+    #: default, so the run_ids of results folders written before it existed stay valid: at
+    #: its default every such field trains exactly as 0.1.0 did (``val_size`` 0 is 0.1.0's
+    #: "no validation split"; logging, evaluation and the target change what is measured,
+    #: never the training).  A new field goes here, with a default that keeps that promise.
+    ADDED_FIELDS: ClassVar[frozenset[str]] = frozenset(
+        {
+            "val_size",
+            "log_every",
+            "eval_every",
+            "target",
+            "schedule",
+            "clip",
+            "weight_decay",
+            "amp",
+            "cell",
+            "init",
+            "optimizer",
+            "nonlinearity",
+        }
+    )
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "method", canonical(self.method))
@@ -108,16 +172,14 @@ class RunConfig:
     def run_id(self) -> str:
         """12 hex digits of the SHA-1 of the fields as sorted JSON.
 
-        Stable across versions: a field of :attr:`ADDED_AFTER_0_1` at its default is left out,
+        Stable across versions: a field of :attr:`ADDED_FIELDS` at its default is left out,
         and the method is hashed under its 0.1.0 name (``unconstrained`` as ``lstm``), so a
         configuration that 0.1.0 could express keeps the run_id 0.1.0 gave it.
         """
-        d = asdict(self)
-        for f in fields(self):
-            if f.name in self.ADDED_AFTER_0_1 and d[f.name] == f.default:
-                del d[f.name]
-        d["method"] = LEGACY_NAMES.get(d["method"], d["method"])
-        blob = json.dumps(d, sort_keys=True)
+        defaults = {f.name: f.default for f in fields(self)}
+        config = {k: v for k, v in asdict(self).items() if k not in self.ADDED_FIELDS or v != defaults[k]}
+        config["method"] = LEGACY_NAMES.get(config["method"], config["method"])
+        blob = json.dumps(config, sort_keys=True)
         return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
 
@@ -132,12 +194,21 @@ MEASURED_COLUMNS = [
     "test_metric_projected",
     "test_acc",
     "test_acc_projected",
+    "val_metric",
+    "best_val_metric",
+    "best_val_step",
+    "test_metric_at_best_val",
+    "target_value",
+    "steps_to_target",
+    "seconds_to_target",
     "train_loss",
     "feasibility_raw",
     "feasibility_eff",
     "recurrent_change",
     "reprojections",
     "train_samples_per_s",
+    "step_samples_per_s",
+    "step_vs_baseline",
     "eval_samples_per_s",
     "train_step_ms",
     "constraint_share",
@@ -159,7 +230,8 @@ RUN_COLUMNS = [
     *PROVENANCE_COLUMNS,
     "confusion",
 ]
-#: every column of history.csv (one row per run per epoch)
+#: every column of history.csv: rows of kind "step" (every log_every optimiser steps) and
+#: "epoch" (end of each epoch, with the test metric)
 HISTORY_COLUMNS = [
     "run_id",
     "method",
@@ -167,17 +239,22 @@ HISTORY_COLUMNS = [
     "task",
     "seed",
     "penalty_param",
+    "kind",
     "epoch",
     "step",
+    "train_wall_s",
+    "samples",
     "train_loss",
+    "penalty",
     "train_metric",
     "metric",
-    "test_metric",
-    "test_acc",
     "feasibility_raw",
     "feasibility_eff",
+    "val_metric",
+    "test_metric",
+    "test_acc",
+    "lr",
     "epoch_s",
-    "train_wall_s",
 ]
 
 
@@ -185,7 +262,7 @@ def upgrade_row(row: dict) -> dict:
     """A ``runs.csv`` or ``history.csv`` row written by an older version, in today's terms.
 
     The method under its canonical name (``lstm`` -> ``unconstrained``) and every field of
-    :attr:`RunConfig.ADDED_AFTER_0_1` that the row lacks or leaves empty at its default (what the
+    :attr:`RunConfig.ADDED_FIELDS` that the row lacks or leaves empty at its default (what the
     run used: the field did not exist).  The run_id is unchanged (:attr:`RunConfig.run_id` hashes
     exactly what 0.1.0 hashed for such a run), so resuming an old folder matches its rows.
     Returns a new dict; ``row`` is not modified.
@@ -194,7 +271,7 @@ def upgrade_row(row: dict) -> dict:
     if out.get("method"):
         out["method"] = canonical(out["method"])
     for f in fields(RunConfig):
-        if f.name in RunConfig.ADDED_AFTER_0_1 and out.get(f.name) in (None, ""):
+        if f.name in RunConfig.ADDED_FIELDS and out.get(f.name) in (None, ""):
             out[f.name] = f.default
     return out
 
@@ -237,11 +314,13 @@ _TASK_CACHE: dict[tuple, Task] = {}
 
 
 def task_options(cfg: RunConfig) -> dict:
-    """The loader options of ``cfg.task`` taken from ``cfg`` (subsets, and the task's own)."""
+    """The loader options of ``cfg.task`` taken from ``cfg`` (subsets, validation size, and
+    the task's own)."""
     spec = TASKS[cfg.task]
     return {
         "train_subset": cfg.train_subset,
         "test_subset": cfg.test_subset,
+        "val_size": cfg.val_size,
         **{k: getattr(cfg, k) for k in spec.options},
     }
 
@@ -306,21 +385,172 @@ def projected_model(model: SeqModel, built: Built) -> SeqModel:
     return SeqModel(built.project(), copy.deepcopy(model.head), model.per_step)
 
 
-def evaluate(model: SeqModel, task: Task, device, batch_size: int = 1000, with_predictions=False):
-    """Test metric over the whole test set (accuracy in [0, 1], or mean loss)."""
+def evaluate(
+    model: SeqModel,
+    task: Task,
+    device,
+    batch_size: int = 1000,
+    with_predictions=False,
+    split: str = "test",
+    amp=contextlib.nullcontext,
+):
+    """Metric over the whole test set (``split="val"``: the validation set): accuracy in
+    [0, 1], or mean loss.  ``amp``: the run's autocast context (:func:`amp_context`)."""
     model.eval()
     total = torch.zeros((), device=device, dtype=torch.float64)
     preds = []
     with torch.no_grad():
-        for x, y in task.test_batches(batch_size):
+        for x, y in task.test_batches(batch_size, split):
             x, y = x.to(device), y.to(device)
-            out = model(x)
-            total += task.score(out, y).double()
+            with amp():
+                out = model(x)
+            total += task.score(out.float(), y).double()
             if with_predictions and task.metric == "acc":
                 preds.append(out.argmax(-1).cpu())
     model.train()
-    value = total.item() / task.n_test
+    value = total.item() / (task.n_test if split == "test" else task.n_val)
     return (value, torch.cat(preds) if preds else None) if with_predictions else value
+
+
+# ---------------------------------------------------------------------------------------
+# The training recipe: optimiser (+ weight decay), schedule, clipping, mixed precision
+
+
+def amp_context(cfg: RunConfig) -> Callable[[], contextlib.AbstractContextManager]:
+    """A zero-argument callable returning the autocast context of ``cfg.amp`` (entered
+    around every forward and loss, in training and evaluation; the penalty and the
+    optimiser step run outside it).
+
+    Raises
+    ------
+    ValueError
+        Unknown ``cfg.amp``, or ``fp16`` on a device other than CUDA (float16 training
+        needs ``torch.amp.GradScaler``, which this harness uses on CUDA only).
+    """
+    if cfg.amp not in AMP_MODES:
+        raise ValueError(f"unknown amp {cfg.amp!r}; allowed: {', '.join(AMP_MODES)}")
+    if cfg.amp == "off":
+        return contextlib.nullcontext
+    device_type = torch.device(cfg.device).type
+    if cfg.amp == "fp16" and device_type != "cuda":
+        raise ValueError(f"amp fp16 needs a CUDA device; got device {cfg.device!r} (use bf16 or off)")
+    dtype = torch.bfloat16 if cfg.amp == "bf16" else torch.float16
+    return lambda: torch.autocast(device_type, dtype=dtype)
+
+
+def make_scaler(cfg: RunConfig):
+    """``torch.amp.GradScaler("cuda")`` for ``amp="fp16"``, else None."""
+    return torch.amp.GradScaler("cuda") if cfg.amp == "fp16" else None
+
+
+def is_recurrent(name: str) -> bool:
+    """True for a parameter name of a recurrent (hidden-to-hidden) weight: ``weight_hh`` in
+    it, as in ``rnn.weight_hh_l0`` or a trivialisation's ``rnn.parametrizations.weight_hh_l0.original``."""
+    return "weight_hh" in name
+
+
+def make_optimizer(cfg: RunConfig, model: nn.Module, built: Built) -> torch.optim.Optimizer:
+    """The method's optimiser, with ``cfg.weight_decay`` on every parameter that is not a
+    recurrent weight (:func:`is_recurrent`): input weights, biases and the head.
+
+    Weight decay is the optimiser's own L2 term (``weight_decay`` of ``torch.optim.Adam`` and
+    of the Euclidean groups of ``cdcore.optim.CayleyAdam``).  It never touches a recurrent
+    weight, of any method: the constrained ones (a decayed point leaves the manifold, and
+    decaying a trivialisation's parameter would pull toward one fixed orthogonal matrix)
+    nor, so that every method trains the same recipe, the unconstrained method's.  With
+    decay, each parameter group holding both kinds is split in two before any step; without
+    it the optimiser is the method's, untouched.
+    """
+    opt = built.optimizer(model)
+    if not cfg.weight_decay:
+        return opt
+    decayed = {id(p) for n, p in model.named_parameters() if not is_recurrent(n)}
+    for group in list(opt.param_groups):
+        decay = [p for p in group["params"] if id(p) in decayed]
+        keep = [p for p in group["params"] if id(p) not in decayed]
+        if not decay:
+            continue
+        if not keep:
+            group["weight_decay"] = cfg.weight_decay
+            continue
+        group["params"] = keep
+        options = {k: v for k, v in group.items() if k != "params"}
+        opt.add_param_group({**options, "params": decay, "weight_decay": cfg.weight_decay})
+    return opt
+
+
+def make_scheduler(cfg: RunConfig, opt: torch.optim.Optimizer, total_steps: int):
+    """The learning-rate schedule of ``cfg.schedule``, stepped after every optimiser step, on
+    every parameter group (the constrained one included); None for ``constant``.
+
+    * ``cosine``: ``torch.optim.lr_scheduler.CosineAnnealingLR(T_max=total_steps)``, from each
+      group's lr down to 0 at the last step (Loshchilov & Hutter, SGDR, ICLR 2017, eq. 5
+      without restarts).
+    * ``onecycle``: ``torch.optim.lr_scheduler.OneCycleLR`` with ``max_lr`` = each group's lr
+      and torch's defaults otherwise (warm-up over 30 % of the steps from max_lr / 25, cosine
+      annealing to max_lr / 2.5e5, beta1 cycled between 0.95 and 0.85) (Smith & Topin 2017,
+      arXiv:1708.07120).
+
+    Raises
+    ------
+    ValueError
+        Unknown ``cfg.schedule``.
+    """
+    if cfg.schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {cfg.schedule!r}; allowed: {', '.join(SCHEDULES)}")
+    if cfg.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total_steps)
+    if cfg.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=[g["lr"] for g in opt.param_groups], total_steps=total_steps
+        )
+    return None
+
+
+def make_train_step(
+    cfg: RunConfig,
+    task: Task,
+    model: SeqModel,
+    built: Built,
+    opt: torch.optim.Optimizer,
+    scheduler=None,
+    scaler=None,
+) -> Callable[[Tensor, Tensor], tuple[Tensor, Tensor, Tensor | None]]:
+    """One optimiser step on a batch, the same in training and in the throughput figures.
+
+    ``step(x, y) -> (output, loss, penalty)`` (detached; penalty None without one): forward
+    and task loss under the run's autocast (:func:`amp_context`), the method's penalty added
+    outside it, backward (scaled by ``scaler`` for fp16), then, with ``cfg.clip``, the
+    gradient norm of all parameters clipped to ``cfg.clip``
+    (``torch.nn.utils.clip_grad_norm_``, after unscaling) before the optimiser step -- for
+    ``cayley`` that is the Euclidean gradient, clipped before CayleyAdam projects it onto
+    the tangent space and retracts -- and the schedule stepped.
+    """
+    amp = amp_context(cfg)
+    params = [p for p in model.parameters()]
+
+    def step(x, y):
+        with amp():
+            out = model(x)
+            loss = task.loss(out, y)
+        pen = built.penalty() if built.penalty is not None else None
+        total = loss + pen if pen is not None else loss
+        opt.zero_grad(set_to_none=True)
+        (scaler.scale(total) if scaler is not None else total).backward()
+        if cfg.clip is not None:
+            if scaler is not None:
+                scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(params, cfg.clip)
+        if scaler is not None:
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step()
+        if scheduler is not None:
+            scheduler.step()
+        return out.detach(), loss.detach(), None if pen is None else pen.detach()
+
+    return step
 
 
 # ---------------------------------------------------------------------------------------
@@ -339,9 +569,16 @@ class Steps:
 
 def make_steps(cfg: RunConfig, task: Task) -> Steps:
     """Build a fresh model of ``cfg`` and the step functions that the harness's throughput
-    columns and ``nox -s perf`` time (data loading excluded: the batch is moved first)."""
+    columns and ``nox -s perf`` time (data loading excluded: the batch is moved first).
+
+    The train step is the training loop's own (:func:`make_train_step`: autocast, penalty,
+    gradient scaling, clipping and weight decay as configured) without the schedule, whose
+    cost is a few scalar operations per step.
+    """
+    amp = amp_context(cfg)
     model, built = build(cfg, task)
-    opt = built.optimizer(model)
+    opt = make_optimizer(cfg, model, built)
+    step = make_train_step(cfg, task, model, built, opt, scaler=make_scaler(cfg))
     device = torch.device(cfg.device)
     gen = torch.Generator().manual_seed(derive_seed("perf", cfg.seed))
     x, y = next(task.train_batches(cfg.batch_size, gen))
@@ -349,44 +586,74 @@ def make_steps(cfg: RunConfig, task: Task) -> Steps:
 
     def train_step():
         model.train()
-        out = model(x)
-        loss = task.loss(out, y)
-        if built.penalty is not None:
-            loss = loss + built.penalty()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        step(x, y)
 
     def eval_step():
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), amp():
             model(x)
 
     return Steps(train_step, eval_step, built.constraint_work, int(x.shape[0]))
 
 
-def measure_throughput(cfg: RunConfig, task: Task, warmup: int = 3) -> dict:
-    """Train and eval samples/s of a fresh model of ``cfg`` and the constraint's share.
+def baseline_method() -> str:
+    """The name of the registry's unconstrained method (the first with ``constrained=False``),
+    against which ``step_vs_baseline`` is measured."""
+    return next(m.name for m in METHODS.values() if not m.constrained)
 
-    Warm-up steps are discarded; CUDA is synchronised before each clock read
-    (:func:`bench.measure.time_fn`).  ``constraint_share`` is the time of the
-    constraint's own work (map and penalty with their backward, the retraction, or the
-    trivialisation) divided by the time of the whole train step.  These are one run's
-    absolute figures, unpaired; for a relative cost quote the paired ratio
-    (``python -m bench.perf --paired``, docs/perf.md).
+
+def measure_throughput(cfg: RunConfig, task: Task, warmup: int = 3, clock=time.perf_counter) -> dict:
+    """Steady-state train-step throughput of a fresh model of ``cfg``, paired with the
+    unconstrained method's step of the same shape; eval throughput; the constraint's share.
+
+    This is the harness's single micro-measurement (the whole-run figure
+    ``train_samples_per_s`` comes from the training itself).  ``cfg.perf_iters`` rounds of
+    :func:`bench.perf.paired.interleaved_times` after ``warmup`` untimed calls of each
+    function: every round times, in a fresh random order and each between two device
+    synchronisations, one train step of ``cfg``, one train step of
+    :func:`baseline_method` with the same configuration (not for the baseline method
+    itself), and the constraint's own work (map and penalty with their backward, the
+    retraction, or the trivialisation; methods that have one).  Eval: ``cfg.perf_iters``
+    no-grad forwards after ``warmup`` (:func:`bench.measure.time_fn`).
+
+    Returns
+    -------
+    dict
+        ``step_samples_per_s`` (batch / median step seconds), ``train_step_ms`` (that
+        median, ms), ``step_vs_baseline`` (median over rounds of t_baseline / t_method:
+        > 1 is faster than the baseline; 1.0 for the baseline method itself),
+        ``constraint_share`` (median over rounds of t_constraint / t_method; 0 without
+        constraint work) and ``eval_samples_per_s``.
     """
     steps = make_steps(cfg, task)
     sync = measure.synchronizer(cfg.device)
-    t_train = measure.time_fn(steps.train, warmup=warmup, iters=cfg.perf_iters, sync=sync)
-    t_eval = measure.time_fn(steps.eval, warmup=warmup, iters=cfg.perf_iters, sync=sync)
-    share = 0.0
+    fns = {"method": steps.train}
+    base = baseline_method()
+    if cfg.method != base:
+        base_cfg = dataclasses.replace(cfg, method=base, penalty_param=None)
+        fns["baseline"] = make_steps(base_cfg, task).train
     if steps.constraint is not None:
-        t_c = measure.time_fn(steps.constraint, warmup=warmup, iters=cfg.perf_iters, sync=sync)
-        share = t_c.seconds_per_iter / t_train.seconds_per_iter
+        fns["constraint"] = steps.constraint
+    times = interleaved_times(
+        fns,
+        rounds=cfg.perf_iters,
+        warmup=warmup,
+        sync=sync,
+        seed=derive_seed("rounds", cfg.seed),
+        clock=clock,
+    )
+    t_train = statistics.median(times["method"])
+    t_eval = measure.time_fn(steps.eval, warmup=warmup, iters=cfg.perf_iters, sync=sync, clock=clock)
+    share = 0.0
+    if "constraint" in times:
+        share = statistics.median(c / t for c, t in zip(times["constraint"], times["method"]))
     return {
-        "train_samples_per_s": steps.batch_size / t_train.seconds_per_iter,
+        "step_samples_per_s": steps.batch_size / t_train,
+        "step_vs_baseline": ratio_stats(times["baseline"], times["method"])["ratio"]
+        if "baseline" in times
+        else 1.0,
         "eval_samples_per_s": steps.batch_size / t_eval.seconds_per_iter,
-        "train_step_ms": 1e3 * t_train.seconds_per_iter,
+        "train_step_ms": 1e3 * t_train,
         "constraint_share": share,
     }
 
@@ -407,119 +674,298 @@ class Training:
     optimizer: torch.optim.Optimizer
     device: torch.device
     start_weights: dict[str, Tensor]  # effective recurrent weights before any step
+    scheduler: object = None  # torch.optim.lr_scheduler.LRScheduler or None
+    scaler: object = None  # torch.amp.GradScaler or None
+    step_fn: Callable = None  # make_train_step(...)
+    amp: Callable = contextlib.nullcontext
+    log_every: int = 1
+    eval_every: int = 1
     epoch: int = 0  # epochs done
     step: int = 0  # optimiser steps done
-    elapsed: float = 0.0  # seconds of training so far (evaluation excluded)
+    samples: int = 0  # training samples seen
+    elapsed: float = 0.0  # seconds of training so far (logging and evaluation excluded)
     history: list[dict] = field(default_factory=list)
+    last_val: float | None = None  # validation metric at the latest evaluation
+    last_val_step: int | None = None
+    best_val: float | None = None  # best validation metric so far, its step and weights
+    best_step: int | None = None
+    best_state: dict | None = None
 
     @property
     def steps_per_epoch(self) -> int:
         t = self.task
         return math.ceil(t.n_train / self.cfg.batch_size) if t.train is not None else t.batches_per_epoch
 
+    @property
+    def total_steps(self) -> int:
+        return self.cfg.epochs * self.steps_per_epoch
+
+    @property
+    def higher_is_better(self) -> bool:
+        return self.task.metric == "acc"
+
+    def logs_at(self, step: int) -> bool:
+        """Whether optimiser step ``step`` (1-based) is logged: every ``log_every`` and
+        ``eval_every`` steps, and the last one."""
+        return step % self.log_every == 0 or self.evaluates_at(step) or step == self.total_steps
+
+    def evaluates_at(self, step: int) -> bool:
+        """Whether the validation metric is computed after step ``step``: every ``eval_every``
+        steps and at the last one, when the task has a validation set."""
+        return self.task.val is not None and (step % self.eval_every == 0 or step == self.total_steps)
+
+
+def logging_intervals(cfg: RunConfig, steps_per_epoch: int) -> tuple[int, int]:
+    """``(log_every, eval_every)`` of ``cfg``; automatic values where they are None.
+
+    Automatic ``log_every``: ``max(1, total_steps // MIN_LOGGED_POINTS)``, so that every run
+    logs at least ``MIN_LOGGED_POINTS`` steps (every step when it has fewer).  Automatic
+    ``eval_every``: ``max(1, min(steps_per_epoch, total_steps // EVALUATIONS))``: about
+    ``EVALUATIONS`` validation evaluations per run, at least one per epoch.
+    """
+    total = cfg.epochs * steps_per_epoch
+    log_every = cfg.log_every or max(1, total // MIN_LOGGED_POINTS)
+    eval_every = cfg.eval_every or max(1, min(steps_per_epoch, total // EVALUATIONS))
+    return int(log_every), int(eval_every)
+
+
+def target_value(cfg: RunConfig, task: Task) -> float | None:
+    """The validation target of the run: ``cfg.target``, else the task's target for
+    ``cfg.profile`` (:meth:`bench.tasks.TaskSpec.target`); None without a validation set."""
+    if task.val is None:
+        return None
+    if cfg.target is not None:
+        return float(cfg.target)
+    spec = TASKS.get(cfg.task)
+    return spec.target(cfg.profile, task) if spec is not None else None
+
 
 def start_training(cfg: RunConfig, task: Task) -> Training:
-    """A fresh model of ``cfg`` with its optimiser, before any step."""
+    """A fresh model of ``cfg`` with its optimiser, schedule and scaler, before any step."""
+    amp = amp_context(cfg)  # first: refuses fp16 off CUDA before anything is built
     model, built = build(cfg, task)
-    return Training(
+    opt = make_optimizer(cfg, model, built)
+    tr = Training(
         cfg,
         task,
         METHODS[cfg.method],
         model,
         built,
-        built.optimizer(model),
+        opt,
         torch.device(cfg.device),
         effective_weights(built),
+        scaler=make_scaler(cfg),
+        amp=amp,
     )
+    tr.log_every, tr.eval_every = logging_intervals(cfg, tr.steps_per_epoch)
+    tr.scheduler = make_scheduler(cfg, opt, tr.total_steps)
+    tr.step_fn = make_train_step(cfg, task, model, built, opt, tr.scheduler, tr.scaler)
+    return tr
+
+
+def _validate(tr: Training) -> float:
+    """Validation metric now; keeps a copy of the weights when it is the best so far."""
+    v = evaluate(tr.model, tr.task, tr.device, split="val", amp=tr.amp)
+    tr.last_val, tr.last_val_step = v, tr.step
+    if math.isfinite(v) and (
+        tr.best_val is None or (v > tr.best_val if tr.higher_is_better else v < tr.best_val)
+    ):
+        tr.best_val, tr.best_step = v, tr.step
+        tr.best_state = {k: t.detach().clone() for k, t in tr.model.state_dict().items()}
+    return v
+
+
+def _row(tr: Training, kind: str, epoch: int, **values) -> dict:
+    """A history row with every column of HISTORY_COLUMNS (None where not measured)."""
+    cfg = tr.cfg
+    row = dict.fromkeys(HISTORY_COLUMNS)
+    row.update(
+        run_id=cfg.run_id,
+        method=cfg.method,
+        cell=cfg.cell,
+        task=cfg.task,
+        seed=cfg.seed,
+        penalty_param=cfg.penalty_param,
+        kind=kind,
+        epoch=epoch + 1,
+        step=tr.step,
+        samples=tr.samples,
+        metric=tr.task.metric,
+        lr=tr.optimizer.param_groups[0]["lr"],
+        **values,
+    )
+    return row
+
+
+def _check(tr: Training, epoch: int, loss: float, feas_raw: float, metric: float | None = None) -> None:
+    exploded = tr.method.constrained and not (feas_raw < FEASIBILITY_EXPLODED)
+    if not math.isfinite(loss) or exploded or (metric is not None and not math.isfinite(metric)):
+        raise Diverged(epoch)
 
 
 def train_epoch(tr: Training, progress=None) -> dict:
-    """One epoch of training, then the test metric and feasibility: appends the epoch's
-    ``history.csv`` row to ``tr.history`` and returns it.
+    """One epoch of training with its logged steps, then the test metric and feasibility:
+    appends the epoch's ``history.csv`` rows to ``tr.history`` and returns the epoch row.
+
+    A logged step (:meth:`Training.logs_at`) synchronises the device, reads the clock,
+    records a row of kind ``step`` (the training loss and penalty averaged over the steps
+    since the previous logged step of this epoch, feasibility, learning rate, and the
+    validation metric when :meth:`Training.evaluates_at`), synchronises again and leaves
+    the time it took out of the training time.
 
     Raises
     ------
     bench.errors.Diverged
-        Non-finite loss (checked every 50 steps and at the end), non-finite test metric,
-        or, for a constrained method, feasibility of the raw weights above
-        ``FEASIBILITY_EXPLODED``.
+        Non-finite loss (checked at each logged step and at the end of the epoch),
+        non-finite validation or test metric, or, for a constrained method, feasibility of
+        the raw weights above ``FEASIBILITY_EXPLODED`` (at each logged step and epoch end).
     """
-    cfg, task, model, built, opt, device = tr.cfg, tr.task, tr.model, tr.built, tr.optimizer, tr.device
+    cfg, task, built, device = tr.cfg, tr.task, tr.built, tr.device
     epoch = tr.epoch
     sync = measure.synchronizer(device)
+
+    def zero():
+        return torch.zeros((), device=device, dtype=torch.float64)
+
+    # sums over the epoch and over the steps since the last logged one: on the device, no sync
+    ep_loss, ep_pen, ep_score, ep_n = zero(), zero(), zero(), 0
+    iv_loss, iv_pen, iv_score, iv_n = zero(), zero(), zero(), 0
+    has_penalty = built.penalty is not None
+    acc = task.metric == "acc"
+    gen = torch.Generator().manual_seed(data_seed(cfg, epoch))
     sync()
     t0 = time.perf_counter()
-    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-    score_sum = torch.zeros((), device=device, dtype=torch.float64)
-    seen = 0
-    gen = torch.Generator().manual_seed(data_seed(cfg, epoch))
+    paused = 0.0  # seconds spent logging and evaluating in this epoch
     for i, (x, y) in enumerate(task.train_batches(cfg.batch_size, gen)):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        out = model(x)
-        loss = task.loss(out, y)
-        total = loss + built.penalty() if built.penalty is not None else loss
-        opt.zero_grad(set_to_none=True)
-        total.backward()
-        opt.step()
-        loss_sum += loss.detach().double() * x.shape[0]
-        score_sum += task.score(out.detach(), y).double()
-        seen += x.shape[0]
+        out, loss, pen = tr.step_fn(x, y)
+        n = x.shape[0]
+        wl = loss.double() * n
+        sc = task.score(out.float(), y).double()
+        ep_loss += wl
+        iv_loss += wl
+        ep_score += sc
+        iv_score += sc
+        if has_penalty:
+            wp = pen.double() * n
+            ep_pen += wp
+            iv_pen += wp
+        ep_n += n
+        iv_n += n
         tr.step += 1
-        if (i + 1) % 50 == 0 and not math.isfinite(loss_sum.item()):
-            raise Diverged(epoch)
+        tr.samples += n
+        if tr.logs_at(tr.step):
+            sync()
+            t1 = time.perf_counter()
+            train_loss = iv_loss.item() / iv_n
+            feas_raw, feas_eff = feasibility(built, cfg.granularity)
+            val = _validate(tr) if tr.evaluates_at(tr.step) else None
+            tr.history.append(
+                _row(
+                    tr,
+                    "step",
+                    epoch,
+                    train_wall_s=tr.elapsed + (t1 - t0 - paused),
+                    train_loss=train_loss,
+                    penalty=iv_pen.item() / iv_n if has_penalty else None,
+                    train_metric=iv_score.item() / iv_n if acc else train_loss,
+                    feasibility_raw=feas_raw,
+                    feasibility_eff=feas_eff,
+                    val_metric=val,
+                )
+            )
+            iv_loss, iv_pen, iv_score, iv_n = zero(), zero(), zero(), 0
+            _check(tr, epoch, train_loss, feas_raw, val)
+            sync()
+            paused += time.perf_counter() - t1
         if progress is not None:
             progress(i + 1, tr.steps_per_epoch, epoch)
     sync()
-    epoch_s = time.perf_counter() - t0
+    epoch_s = time.perf_counter() - t0 - paused
     tr.elapsed += epoch_s
-    train_loss = loss_sum.item() / seen
-    test_metric = evaluate(model, task, device)
+    train_loss = ep_loss.item() / ep_n
+    test_metric = evaluate(tr.model, task, device, amp=tr.amp)
     feas_raw, feas_eff = feasibility(built, cfg.granularity)
-    record = {
-        "run_id": cfg.run_id,
-        "method": cfg.method,
-        "cell": cfg.cell,
-        "task": cfg.task,
-        "seed": cfg.seed,
-        "penalty_param": cfg.penalty_param,
-        "epoch": epoch + 1,
-        "step": tr.step,
-        "train_loss": train_loss,
-        "train_metric": score_sum.item() / seen if task.metric == "acc" else train_loss,
-        "metric": task.metric,
-        "test_metric": test_metric,
-        "test_acc": test_metric if task.metric == "acc" else None,
-        "feasibility_raw": feas_raw,
-        "feasibility_eff": feas_eff,
-        "epoch_s": epoch_s,
-        "train_wall_s": tr.elapsed,
-    }
+    record = _row(
+        tr,
+        "epoch",
+        epoch,
+        train_wall_s=tr.elapsed,
+        train_loss=train_loss,
+        penalty=ep_pen.item() / ep_n if has_penalty else None,
+        train_metric=ep_score.item() / ep_n if acc else train_loss,
+        feasibility_raw=feas_raw,
+        feasibility_eff=feas_eff,
+        val_metric=tr.last_val if tr.last_val_step == tr.step else None,
+        test_metric=test_metric,
+        test_acc=test_metric if acc else None,
+        epoch_s=epoch_s,
+    )
     tr.history.append(record)
     tr.epoch = epoch + 1
-    exploded = tr.method.constrained and not (feas_raw < FEASIBILITY_EXPLODED)
-    if not math.isfinite(train_loss) or exploded or not math.isfinite(test_metric):
-        raise Diverged(epoch)
+    _check(tr, epoch, train_loss, feas_raw, test_metric)
     return record
+
+
+def _time_to_target(tr: Training, target: float | None) -> tuple[int | None, float | None]:
+    """(steps, training seconds) at the first logged evaluation reaching ``target``."""
+    if target is None:
+        return None, None
+    import pandas as pd
+
+    from .stats import time_to_target
+
+    steps = pd.DataFrame([h for h in tr.history if h["kind"] == "step"], columns=HISTORY_COLUMNS)
+    hit = time_to_target(steps, target, tr.higher_is_better)
+    return hit if hit is not None else (None, None)
+
+
+def _test_at_best_val(tr: Training, final_test: float) -> float | None:
+    """Test metric of the weights kept at the best validation evaluation (scored once, at
+    the end of the run); the model is left with its final weights."""
+    if tr.best_state is None:
+        return None
+    if tr.best_step == tr.step:
+        return final_test  # the final weights are the best ones
+    final = {k: t.detach().clone() for k, t in tr.model.state_dict().items()}
+    tr.model.load_state_dict(tr.best_state)
+    try:
+        return evaluate(tr.model, tr.task, tr.device, amp=tr.amp)
+    finally:
+        tr.model.load_state_dict(final)
 
 
 def final_metrics(tr: Training) -> dict:
     """The trained model's columns of ``runs.csv``: test metric (and after exact
-    projection), last training loss and feasibility, how far the recurrent weights moved,
-    the optimiser's counters and, for classification, the test confusion matrix."""
+    projection, and with the weights of the best validation evaluation), validation
+    metrics, time to target, last training loss and feasibility, how far the recurrent
+    weights moved, the whole run's training throughput, the optimiser's counters and, for
+    classification, the test confusion matrix."""
     task, device = tr.task, tr.device
-    last = tr.history[-1] if tr.history else {}
-    test_metric, preds = evaluate(tr.model, task, device, with_predictions=True)
-    proj = evaluate(projected_model(tr.model, tr.built), task, device)
+    epochs = [h for h in tr.history if h["kind"] == "epoch"]
+    last = epochs[-1] if epochs else {}
+    test_metric, preds = evaluate(tr.model, task, device, with_predictions=True, amp=tr.amp)
+    proj = evaluate(projected_model(tr.model, tr.built), task, device, amp=tr.amp)
     acc = task.metric == "acc"
+    target = target_value(tr.cfg, task)
+    steps_to, seconds_to = _time_to_target(tr, target)
     row = {
         "test_metric": test_metric,
         "test_metric_projected": proj,
         "test_acc": test_metric if acc else None,
         "test_acc_projected": proj if acc else None,
+        "val_metric": tr.last_val,
+        "best_val_metric": tr.best_val,
+        "best_val_step": tr.best_step,
+        "test_metric_at_best_val": _test_at_best_val(tr, test_metric),
+        "target_value": target,
+        "steps_to_target": steps_to,
+        "seconds_to_target": seconds_to,
         "train_loss": last.get("train_loss"),
         "feasibility_raw": last.get("feasibility_raw"),
         "feasibility_eff": last.get("feasibility_eff"),
         "train_s": tr.elapsed,
+        "train_samples_per_s": tr.samples / tr.elapsed if tr.elapsed > 0 else None,
         "recurrent_change": recurrent_change(tr.start_weights, tr.built),
         **tr.built.counters(tr.optimizer),
     }
@@ -538,15 +984,27 @@ def final_metrics(tr: Training) -> dict:
 class Checkpoint:
     """The checkpoint of one run under ``<checkpoint_dir>/<run_id>.pt``.
 
-    It holds only tensors, numbers and strings (model and optimiser ``state_dict``, the
-    epoch, the history rows, the training seconds) and is read with
+    It holds only tensors, numbers and strings (model, optimiser, schedule and gradient
+    scaler ``state_dict``, the epoch, step and samples done, the history rows, the training
+    seconds, the latest and the best validation metric with the best weights) and is read with
     ``torch.load(..., weights_only=True)``: a file there that needs anything else (a
     crafted pickle carrying a callable, a foreign file) is refused with one line on
     stderr, never executed, and the run starts afresh.  Written to a temporary file and
     renamed, so a kill never leaves half a checkpoint.
     """
 
-    KEYS = ("model", "optimizer", "epoch", "history", "elapsed")
+    KEYS = (
+        "model",
+        "optimizer",
+        "epoch",
+        "history",
+        "elapsed",
+        "step",
+        "samples",
+        "scheduler",
+        "scaler",
+        "val",
+    )
 
     def __init__(self, checkpoint_dir, cfg: RunConfig) -> None:
         self.path = Path(checkpoint_dir) / f"{cfg.run_id}.pt"
@@ -563,6 +1021,17 @@ class Checkpoint:
                 "epoch": tr.epoch,
                 "history": tr.history,
                 "elapsed": tr.elapsed,
+                "step": tr.step,
+                "samples": tr.samples,
+                "scheduler": tr.scheduler.state_dict() if tr.scheduler is not None else None,
+                "scaler": tr.scaler.state_dict() if tr.scaler is not None else None,
+                "val": {
+                    "last": tr.last_val,
+                    "last_step": tr.last_val_step,
+                    "best": tr.best_val,
+                    "best_step": tr.best_step,
+                    "best_state": tr.best_state,
+                },
             },
             tmp,
         )
@@ -587,12 +1056,19 @@ class Checkpoint:
             return False
         tr.model.load_state_dict(state["model"])
         tr.optimizer.load_state_dict(state["optimizer"])
+        if tr.scheduler is not None and state["scheduler"] is not None:
+            tr.scheduler.load_state_dict(state["scheduler"])
+        if tr.scaler is not None and state["scaler"] is not None:
+            tr.scaler.load_state_dict(state["scaler"])
         tr.epoch, tr.history, tr.elapsed = (
             int(state["epoch"]),
             list(state["history"]),
             float(state["elapsed"]),
         )
-        tr.step = tr.epoch * tr.steps_per_epoch
+        tr.step, tr.samples = int(state["step"]), int(state["samples"])
+        val = state["val"]
+        tr.last_val, tr.last_val_step = val["last"], val["last_step"]
+        tr.best_val, tr.best_step, tr.best_state = val["best"], val["best_step"], val["best_state"]
         return True
 
     def remove(self) -> None:
@@ -615,6 +1091,10 @@ def run_one(cfg: RunConfig, data_dir=None, checkpoint_dir=None, progress=None) -
     ``progress``: optional callable ``progress(done_batches, total_batches, epoch)``.
     ``checkpoint_dir``: when given, the state after each epoch is saved there and an
     interrupted run continues from its last checkpoint (see :class:`Checkpoint`).
+
+    The configuration columns ``val_size``, ``log_every`` and ``eval_every`` of the row hold
+    the values the run used (the task's and automatic ones resolved), as ``seq_len`` does;
+    ``run_id`` is the configuration's as given.
     """
     t_start = time.perf_counter()
     row = {**asdict(cfg), "run_id": cfg.run_id, "status": "ok", "error": "", "diverged_epoch": None}
@@ -627,9 +1107,11 @@ def run_one(cfg: RunConfig, data_dir=None, checkpoint_dir=None, progress=None) -
             n_train=task.n_train,
             n_test=task.n_test,
             seq_len=task.seq_len,
+            val_size=task.n_val,
         )
         measure.reset_peak_memory(cfg.device)
         tr = start_training(cfg, task)
+        row.update(log_every=tr.log_every, eval_every=tr.eval_every, target_value=target_value(cfg, task))
         row["param_count"] = sum(p.numel() for p in tr.model.parameters())
         ckpt = Checkpoint(checkpoint_dir, cfg) if checkpoint_dir else None
         if ckpt is not None and ckpt.load(tr):

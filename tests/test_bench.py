@@ -117,7 +117,7 @@ def test_smoke_sweep_on_real_mnist_end_to_end(mnist_dir, tmp_path):
     assert (cd["feasibility_eff"] < cd["feasibility_raw"]).all()
     assert (runs["train_samples_per_s"] > 0).all() and (runs["peak_mem_mb"] > 0).all()
     hist = pd.read_csv(out / "history.csv")
-    assert len(hist) == 2 * len(runs) and set(hist["run_id"]) == set(runs["run_id"])
+    assert (hist["kind"] == "epoch").sum() == 2 * len(runs) and set(hist["run_id"]) == set(runs["run_id"])
     meta = json.loads((out / "meta.json").read_text())
     assert meta["command"].startswith("python -m bench.ablate --penalty 0.1 0.5 1.0")
     assert meta["torch_version"] == torch.__version__ and meta["cpu_count"] >= 1
@@ -133,8 +133,12 @@ def test_smoke_sweep_on_real_mnist_end_to_end(mnist_dir, tmp_path):
 
 
 def test_full_test_set_is_scored(mnist_dir):
-    task = get_task(RunConfig(method="unconstrained", task="smnist", test_subset=None), mnist_dir)
-    assert task.n_test == 10_000 and task.n_train == 60_000
+    task = get_task(
+        RunConfig(method="unconstrained", task="smnist", test_subset=None, val_size=5000), mnist_dir
+    )
+    assert task.n_test == 10_000 and task.n_train == 55_000 and task.n_val == 5_000
+    whole = get_task(RunConfig(method="unconstrained", task="smnist", test_subset=None), mnist_dir)
+    assert whole.n_test == 10_000 and whole.n_train == 60_000 and whole.n_val == 0  # val_size 0: 0.1.0's task
 
 
 BAD = [
@@ -248,7 +252,9 @@ def test_resume_skips_ok_runs_and_force_reruns_without_duplicates(tmp_path, caps
     assert sweep(*args, "--force") == 0
     again = pd.read_csv(out / "runs.csv")
     assert again["run_id"].is_unique and set(again["run_id"]) == set(first["run_id"])
-    assert len(pd.read_csv(out / "history.csv")) == len(again)
+    hist = pd.read_csv(out / "history.csv")
+    assert (hist["kind"] == "epoch").sum() == len(again)  # one epoch each
+    assert not hist.duplicated(["run_id", "kind", "step"]).any()
 
 
 #: ``python -c KILL_MID_RUN N ARGS...``: a sweep that SIGKILLs itself in epoch 2 of its N-th run
@@ -297,12 +303,13 @@ def test_sigkill_mid_sweep_then_resume_gives_exactly_the_planned_ok_rows(tmp_pat
     )
     assert proc.returncode == -9, proc.stderr[-3000:]  # killed mid-run, in the middle of the sweep
     partial = pd.read_csv(out / "runs.csv")  # parseable after SIGKILL
-    assert len(partial) == 2 and len(pd.read_csv(out / "history.csv")) == 2 * 3
+    epochs = lambda h: h[h["kind"] == "epoch"]  # noqa: E731
+    assert len(partial) == 2 and len(epochs(pd.read_csv(out / "history.csv"))) == 2 * 3
     assert sweep(*args) == 0
     runs = pd.read_csv(out / "runs.csv")
     assert len(runs) == 10 and runs["run_id"].is_unique and (runs["status"] == "ok").all()
     hist = pd.read_csv(out / "history.csv")
-    assert len(hist) == 10 * 3 and not hist.duplicated(["run_id", "epoch"]).any()
+    assert len(epochs(hist)) == 10 * 3 and not hist.duplicated(["run_id", "kind", "step"]).any()
 
 
 def test_torn_last_line_is_repaired(tmp_path):
@@ -475,7 +482,8 @@ def test_crafted_checkpoint_is_refused_not_executed_and_the_run_starts_afresh(tm
     row, hist = run_one(cfg, checkpoint_dir=ckpt_dir)
     err = capsys.readouterr().err
     assert not marker.exists()  # the callable was not executed
-    assert row["status"] == "ok" and "resumed_from_epoch" not in row and len(hist) == 2
+    assert row["status"] == "ok" and "resumed_from_epoch" not in row
+    assert [h["epoch"] for h in hist if h["kind"] == "epoch"] == [1, 2]
     lines = [ln for ln in err.splitlines() if "refused" in ln]
     assert len(lines) == 1 and str(path) in lines[0] and "starts afresh" in lines[0]
     assert not path.exists()  # overwritten by the run's own checkpoints, removed once it is ok

@@ -244,20 +244,24 @@ def test_run_ids_of_0_1_0_configurations_are_unchanged():
     ]
     ids = {base.run_id, *(c.run_id for c in changed)}
     assert len(ids) == 5  # a non-default value of a new field is a new configuration
-    assert RunConfig.ADDED_AFTER_0_1 >= {"cell", "init", "optimizer", "nonlinearity"}
+    assert RunConfig.ADDED_FIELDS >= {"cell", "init", "optimizer", "nonlinearity"}
 
 
 @pytest.mark.parametrize("folder", ["smnist-quick", "smnist-paper"])
 def test_the_committed_0_1_0_folders_resume_without_rerunning_anything(folder, tmp_path, monkeypatch):
-    """Re-planning the exact command of a results folder written by 0.1.0 (rows saying ``lstm``, no
-    ``cell`` column) gives exactly its run_ids; the store then counts every run as done and brings
-    the rows up to date (method ``unconstrained``, cell ``lstm``), keeping every measured value."""
+    """Re-planning the command of a results folder written by 0.1.0 (rows saying ``lstm``, no
+    ``cell`` column) with ``--val-size 0`` (0.1.0 had no validation split) gives exactly its
+    run_ids; the store then counts every run as done and brings the rows up to date (method
+    ``unconstrained``, cell ``lstm``), keeping every measured value.  The command as written now
+    holds out a validation set: other runs, other run_ids, so nothing is wrongly skipped."""
     src = ROOT / "results" / "reference" / folder
     command = (src / "command.txt").read_text()
     argv = next(ln.split("bench.ablate", 1)[1].split() for ln in command.splitlines() if "bench.ablate" in ln)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    plan, _, _ = ablate.make_plan(ablate.build_parser().parse_args(argv))
     old = pd.read_csv(src / "runs.csv")
+    today, _, _ = ablate.make_plan(ablate.build_parser().parse_args(argv))
+    assert not {c.run_id for c in today} & set(old["run_id"])
+    plan, _, _ = ablate.make_plan(ablate.build_parser().parse_args([*argv, "--val-size", "0"]))
     assert {c.run_id for c in plan} == set(old["run_id"])
     out = tmp_path / folder
     out.mkdir()
@@ -281,7 +285,8 @@ def test_the_committed_0_1_0_folders_resume_without_rerunning_anything(folder, t
 
 def test_upgrade_row_leaves_current_rows_alone():
     row = {"run_id": "x", "method": "cd", "cell": "gru", "init": "henaff", "optimizer": "rmsprop"}
-    assert upgrade_row(row) == {**row, "nonlinearity": "tanh"}
+    up = upgrade_row(row)
+    assert {k: up[k] for k in row} == row and up["nonlinearity"] == "tanh" and up["val_size"] == 0
     assert upgrade_row({"method": "lstm", "cell": ""})["cell"] == "lstm"
 
 

@@ -99,21 +99,39 @@ def test_time_fn_composition_split_adds_up(constraint_s, rest_s):
     assert share + timed["rest"] / timed["train"] == pytest.approx(1.0, abs=1e-9)
 
 
-def test_measure_throughput_constraint_share(monkeypatch):
-    """measure_throughput with make_steps and the clock replaced (through the module
-    attributes it looks up) reports the known constraint share and samples/s."""
+def test_measure_throughput_pairs_the_step_with_the_baseline_step(monkeypatch):
+    """measure_throughput with make_steps and the clock replaced: the method's step (0.2 s of
+    constraint + 0.6 s) is timed interleaved with the unconstrained method's step (0.4 s) of
+    the same configuration; the figures are the known ones, the baseline built from ``cfg``
+    with only the method (and penalty_param) changed."""
     clock = FakeClock([])
-    constraint_s, rest_s, batch = 0.2, 0.6, 16
+    constraint_s, rest_s, base_s, batch = 0.2, 0.6, 0.4, 16
     steps, rest = _fake_steps(clock, constraint_s, rest_s, batch)
-    monkeypatch.setattr(runner, "make_steps", lambda cfg, task: steps)
-    monkeypatch.setattr(measure, "time_fn", functools.partial(measure.time_fn, clock=clock))
-    out = runner.measure_throughput(runner.RunConfig(method="cd", perf_iters=4), task=None, warmup=2)
-    t_rest = measure.time_fn(rest, warmup=0, iters=3).seconds_per_iter
+    base_steps, _ = _fake_steps(clock, 0.0, base_s, batch)
+    built = []
+
+    def fake_make_steps(cfg, task):
+        built.append(cfg)
+        return base_steps if cfg.method == runner.baseline_method() else steps
+
+    monkeypatch.setattr(runner, "make_steps", fake_make_steps)
+    cfg = runner.RunConfig(method="cd", penalty_param=0.5, perf_iters=4, hidden_size=7, amp="bf16")
+    out = runner.measure_throughput(cfg, task=None, warmup=2, clock=clock)
+    assert built[0] == cfg and built[1] == runner.dataclasses.replace(
+        cfg, method=runner.baseline_method(), penalty_param=None
+    )
     assert out["constraint_share"] == pytest.approx(constraint_s / (constraint_s + rest_s))
-    assert out["constraint_share"] + t_rest / (constraint_s + rest_s) == pytest.approx(1.0)
-    assert out["train_samples_per_s"] == pytest.approx(batch / (constraint_s + rest_s))
-    assert out["eval_samples_per_s"] == pytest.approx(batch / rest_s)
+    assert out["step_samples_per_s"] == pytest.approx(batch / (constraint_s + rest_s))
     assert out["train_step_ms"] == pytest.approx(1e3 * (constraint_s + rest_s))
+    assert out["step_vs_baseline"] == pytest.approx(base_s / (constraint_s + rest_s))
+    assert out["eval_samples_per_s"] == pytest.approx(batch / rest_s)
+    # the baseline method itself: no pairing, ratio 1
+    built.clear()
+    own = runner.measure_throughput(
+        runner.RunConfig(method=runner.baseline_method(), perf_iters=3), task=None, warmup=1, clock=clock
+    )
+    assert len(built) == 1 and own["step_vs_baseline"] == 1.0
+    assert own["step_samples_per_s"] == pytest.approx(batch / base_s)
 
 
 def test_peak_memory_positive_on_cpu():
