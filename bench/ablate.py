@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from .cells import CELLS, DEFAULT_CELL, DEFAULT_INIT, GATES, INITS, NONLINEARITIES
+from .cells import CELLS, DEFAULT_CELL, DEFAULT_INIT, GATES, INITS, MODRELU, NONLINEARITIES
 from .cli import Parser, choice, number
 from .errors import DataError, FolderBusy, UsageError
 from .executors import make_executor
@@ -107,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--nonlinearity",
         nargs="+",
         type=choice("nonlinearity", NONLINEARITIES),
-        help="the rnn cell's nonlinearity (tanh, relu; --cell rnn only); default: tanh",
+        help="the rnn cell's nonlinearity (tanh, relu: nn.RNN; modrelu: bench.cells.ModReLURNN, one "
+        "unidirectional layer, a Python loop over time; --cell rnn only); default: tanh",
     )
     p.add_argument(
         "--init",
@@ -331,6 +332,13 @@ def make_plan(args) -> tuple[list[RunConfig], list[str], str]:
                     notices.append(note)
                 continue
             nonlinearities = (args.nonlinearity or ["tanh"]) if cell == "rnn" else ["tanh"]
+            bidirectional = single("bidirectional", "bidirectional")
+            if MODRELU in nonlinearities and (layers != 1 or bidirectional):
+                raise UsageError(
+                    f"--nonlinearity modrelu is one unidirectional layer (bench.cells.ModReLURNN); got "
+                    f"--layers {layers}{' and bidirectional' if bidirectional else ''}; allowed: --layers 1 "
+                    f"--no-bidirectional"
+                )
             for pen, nonlin in itertools.product(
                 (args.penalty or [0.5]) if meth.uses_penalty else [None], nonlinearities
             ):
@@ -341,7 +349,7 @@ def make_plan(args) -> tuple[list[RunConfig], list[str], str]:
                         seed=seed,
                         num_layers=layers,
                         hidden_size=hidden,
-                        bidirectional=single("bidirectional", "bidirectional"),
+                        bidirectional=bidirectional,
                         granularity=gran,
                         penalty_param=pen,
                         epochs=epochs,

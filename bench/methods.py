@@ -20,6 +20,12 @@ attaching.  Every method optimises the whole model with ``cfg.optimizer`` (Adam 
 :func:`make_optimizer`), the constrained weights in their own group at ``lr_constrained``.
 ``python -m bench.ablate --list-methods`` prints the registry.
 
+On the modReLU cell (:class:`bench.cells.ModReLURNN`, not a PyTorch recurrent module) the
+methods attach as they would to any layer: ``cd`` with ``cdcore.dissolve`` on ``weight_hh_l0``
+(cdcore's ``StiefelRNN`` wraps the fused ``nn.RNN`` only), ``cdopt`` with CDOpt's own
+``set_constraint_dissolving`` (CDOpt has no modReLU module), ``geotorch_*`` and ``cayley`` as
+on every cell.
+
 Names: the unconstrained baseline is ``unconstrained``; in 0.1.0 it was called ``lstm``,
 which stays an alias: ``METHODS["lstm"]``, ``"lstm" in METHODS``, :func:`canonical` and every
 command line accept it (iterating ``METHODS`` yields canonical names only).
@@ -283,6 +289,8 @@ def _cd_effective(rnn) -> tuple[list[Tensor], Tensor]:
 
 
 def build_cd(plain: nn.RNNBase, cfg) -> Built:
+    if plain_class(plain)[0] not in _CD_CLASSES:
+        return _build_cd_dissolved(plain, cfg)
     cls = _CD_CLASSES[plain_class(plain)[0]]
     rnn = cls.from_plain(plain, penalty_param=cfg.penalty_param, granularity=cfg.granularity)
     raws = _cd_raws(rnn)
@@ -301,6 +309,34 @@ def build_cd(plain: nn.RNNBase, cfg) -> Built:
         weights=weights,
         project=rnn.to_plain,
         penalty=lambda: cdcore.quad_penalty(rnn),
+        constraint_work=work,
+    )
+
+
+def _build_cd_dissolved(plain: nn.Module, cfg) -> Built:
+    """cd on a cell that is not a PyTorch recurrent module (:class:`bench.cells.ModReLURNN`):
+    ``cdcore.dissolve`` on each recurrent weight (projected onto the manifold when attaching),
+    ``cdcore.quad_penalty``; the forward reads each weight once, so A(W) is computed once per
+    forward.  ``project()``: the polar factor of the raw weight, as ``StiefelRNN.to_plain``."""
+    names = hh_names(plain)
+    for n in names:
+        cdcore.dissolve(plain, n, penalty_param=cfg.penalty_param, granularity=cfg.granularity)
+    raws = [plain.parametrizations[n].original for n in names]
+
+    def weights():
+        return {n: (r, getattr(plain, n)) for n, r in zip(names, raws)}
+
+    def work():
+        eff = [getattr(plain, n) for n in names]
+        pen = cdcore.quad_penalty(plain)
+        torch.autograd.grad([pen, *eff], raws, [torch.ones_like(pen), *map(_upstream, eff)])
+
+    return Built(
+        rnn=plain,
+        optimizer=lambda model: make_optimizer(model, raws, cfg),
+        weights=weights,
+        project=lambda: plain_projected(plain, dict(zip(names, raws)), cfg.granularity),
+        penalty=lambda: cdcore.quad_penalty(plain),
         constraint_work=work,
     )
 
@@ -371,6 +407,8 @@ def build_cdopt(plain: nn.RNNBase, cfg) -> Built:
     from cdopt.manifold_torch import stiefel_torch
 
     kind, extra = plain_class(plain)  # RNN_cdopt takes nonlinearity (tanh or relu) as nn.RNN does
+    if kind not in (nn.LSTM, nn.GRU, nn.RNN):
+        return _build_cdopt_dissolved(plain, cfg)
     cls = {nn.LSTM: cdnn.LSTM_cdopt, nn.GRU: cdnn.GRU_cdopt, nn.RNN: cdnn.RNN_cdopt}[kind]
     ref = next(plain.parameters())
     with torch.random.fork_rng(devices=[ref.device] if ref.is_cuda else []):
@@ -408,6 +446,52 @@ def build_cdopt(plain: nn.RNNBase, cfg) -> Built:
         weights=weights,
         project=lambda: plain_projected(rnn, {n: e for n, (_, e) in weights().items()}, cfg.granularity),
         penalty=lambda: cdnn.get_quad_penalty(rnn),
+        constraint_work=work,
+    )
+
+
+def _build_cdopt_dissolved(plain: nn.Module, cfg) -> Built:
+    """cdopt on a cell CDOpt has no module for (:class:`bench.cells.ModReLURNN`): CDOpt's own
+    ``set_constraint_dissolving`` (``cdopt.nn.utils.set_constraints``: its parametrisation of
+    any layer's weight, A(W) in the forward) with ``stiefel_torch`` on each recurrent weight,
+    the raw weight then set to the same projected start as every other method, and CDOpt's
+    ``get_quad_penalty``."""
+    import cdopt.nn as cdnn
+    from cdopt.manifold_torch import stiefel_torch
+    from cdopt.nn.utils.set_constraints import set_constraint_dissolving
+
+    names = hh_names(plain)
+    ref = getattr(plain, names[0])
+    start = {n: stiefel.projx(getattr(plain, n).detach()) for n in names}
+    with torch.random.fork_rng(devices=[ref.device] if ref.is_cuda else []):
+        for n in names:
+            set_constraint_dissolving(
+                plain,
+                n,
+                manifold_class=stiefel_torch,
+                manifold_args={"device": ref.device, "dtype": ref.dtype},
+                penalty_param=cfg.penalty_param,
+            )
+    lists = [plain.parametrizations[n] for n in names]
+    raws = [p.original for p in lists]
+    with torch.no_grad():
+        for n, r in zip(names, raws):
+            r.copy_(start[n])
+
+    def weights():
+        return {n: (r, p.A(r)) for n, r, p in zip(names, raws, lists)}
+
+    def work():
+        eff = [p.A(r) for r, p in zip(raws, lists)]
+        pen = cdnn.get_quad_penalty(plain)
+        torch.autograd.grad([pen, *eff], raws, [torch.ones_like(pen), *map(_upstream, eff)])
+
+    return Built(
+        rnn=plain,
+        optimizer=lambda model: make_optimizer(model, raws, cfg),
+        weights=weights,
+        project=lambda: plain_projected(plain, {n: e for n, (_, e) in weights().items()}, cfg.granularity),
+        penalty=lambda: cdnn.get_quad_penalty(plain),
         constraint_work=work,
     )
 
@@ -463,7 +547,8 @@ METHODS: dict[str, Method] = _Registry(
         ),
         Method(
             "cdopt",
-            "as cd, through the reference package (LSTM_cdopt / GRU_cdopt / RNN_cdopt, stiefel_torch)",
+            "as cd, through the reference package (LSTM_cdopt / GRU_cdopt / RNN_cdopt, stiefel_torch; "
+            "on the modReLU cell its set_constraint_dissolving)",
             "CDOpt 0.5.5 (Xiao, Hu, Liu, Toh)",
             build_cdopt,
             uses_penalty=True,

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from bench import ablate
-from bench.cells import CELLS, INITS
+from bench.cells import CELLS, INITS, plain_class
 from bench.methods import METHODS
 from bench.runner import HISTORY_COLUMNS, RUN_COLUMNS, RunConfig, build, get_task, run_one
 
@@ -152,6 +152,15 @@ BAD = [
     (
         ["--cell", "gru", "--nonlinearity", "relu"],
         "--nonlinearity applies to --cell rnn only; got --cell gru",
+    ),
+    (
+        ["--cell", "rnn", "--nonlinearity", "tanh", "modrelu", "--layers", "2"],
+        "--nonlinearity modrelu is one unidirectional layer (bench.cells.ModReLURNN); got --layers 2; "
+        "allowed: --layers 1 --no-bidirectional",
+    ),
+    (
+        ["--cell", "rnn", "--nonlinearity", "modrelu", "--bidirectional"],
+        "got --layers 1 and bidirectional; allowed: --layers 1 --no-bidirectional",
     ),
     (["--task", "cifar"], "unknown task 'cifar'; allowed: smnist, digits"),
     (["--profile", "huge"], "unknown profile 'huge'; allowed: smoke, quick, paper, auto"),
@@ -491,22 +500,35 @@ def test_crafted_checkpoint_is_refused_not_executed_and_the_run_starts_afresh(tm
     assert {k: row[k] for k in METRICS} == {k: fresh[k] for k in METRICS}
 
 
-@pytest.mark.parametrize("cell", list(CELLS))
+#: every cell, and the rnn cell's modReLU variant (bench.cells.ModReLURNN: one unidirectional layer)
+CELL_VARIANTS = [(c, "tanh") for c in CELLS] + [("rnn", "modrelu")]
+_ids = [c if n == "tanh" else f"{c}-{n}" for c, n in CELL_VARIANTS]
+
+
+def _variant(cell, nonlinearity):
+    shape = dict(num_layers=1, bidirectional=False) if nonlinearity == "modrelu" else {}
+    return dict(cell=cell, nonlinearity=nonlinearity, **shape)
+
+
+@pytest.mark.parametrize("cell,nonlinearity", CELL_VARIANTS, ids=_ids)
 @pytest.mark.parametrize("init", INITS)
-def test_every_method_starts_from_the_same_unconstrained_weights(cell, init):
+def test_every_method_starts_from_the_same_unconstrained_weights(cell, nonlinearity, init):
     from cdcore import stiefel
     from cdcore.dissolving import to_blocks
 
     task = get_task(_cfg(), None)
-    base = dict(cell=cell, init=init)
+    base = dict(init=init, **_variant(cell, nonlinearity))
     ref_model, _ = build(_cfg(method="unconstrained", penalty_param=None, **base), task)
     ref = {n: getattr(ref_model.rnn, n).detach().clone() for n in ref_model.rnn._flat_weights_names}
-    assert type(ref_model.rnn) is CELLS[cell]
+    assert type(ref_model.rnn) is CELLS[cell] or nonlinearity == "modrelu"
+    assert getattr(ref_model.rnn, "nonlinearity", "tanh") == nonlinearity or cell != "rnn"
     if init != "default":  # the init replaced every recurrent gate block by an orthogonal matrix
         for n in ref:
             if n.startswith("weight_hh"):
                 assert stiefel.feasibility(to_blocks(ref[n].double(), "per_gate")).max() < 1e-5, n
-    plain_head, _ = build(_cfg(method="unconstrained", penalty_param=None, cell=cell), task)
+    plain_head, _ = build(
+        _cfg(method="unconstrained", penalty_param=None, **_variant(cell, nonlinearity)), task
+    )
     assert torch.equal(plain_head.head.weight, ref_model.head.weight)  # the init draws from its own stream
 
     for method in METHODS:
@@ -529,19 +551,19 @@ def test_every_method_starts_from_the_same_unconstrained_weights(cell, init):
         assert torch.equal(torch.rand(3), after_plain), method
 
 
-@pytest.mark.parametrize("cell", list(CELLS))
+@pytest.mark.parametrize("cell,nonlinearity", CELL_VARIANTS, ids=_ids)
 @pytest.mark.parametrize("method", list(METHODS))
-def test_project_returns_an_exactly_feasible_plain_module_and_leaves_the_model(method, cell):
+def test_project_returns_an_exactly_feasible_plain_module_and_leaves_the_model(method, cell, nonlinearity):
     from cdcore import weight_feasibility
 
-    nonlinearity = "relu" if cell == "rnn" else "tanh"  # the exported RNN keeps its nonlinearity
+    if nonlinearity == "tanh" and cell == "rnn":
+        nonlinearity = "relu"  # the exported RNN keeps its nonlinearity
     for granularity in METHODS[method].granularities if cell != "rnn" else ["stacked"]:
         cfg = _cfg(
             method=method,
             granularity=granularity,
             penalty_param=0.5 if METHODS[method].uses_penalty else None,
-            cell=cell,
-            nonlinearity=nonlinearity,
+            **_variant(cell, nonlinearity),
         )
         model, built = build(cfg, get_task(cfg, None))
         with torch.no_grad():  # move the weights off the manifold, as training does for cd
@@ -549,7 +571,8 @@ def test_project_returns_an_exactly_feasible_plain_module_and_leaves_the_model(m
                 r.add_(0.01 * torch.randn_like(r))
         state = {k: v.clone() for k, v in model.state_dict().items()}
         plain = built.project()
-        assert type(plain) is CELLS[cell]
+        assert type(plain) is plain_class(model.rnn)[0]  # the plain class of the model's cell
+        assert type(plain) is CELLS[cell] or nonlinearity == "modrelu"
         if cell == "rnn":
             assert plain.nonlinearity == nonlinearity
         for n in plain._flat_weights_names:

@@ -1,6 +1,7 @@
 """The learning contract: every registered method learns (issue 11, item 6), on every cell (issue 13).
 
-Each method, on each cell (``lstm``, ``gru``, ``rnn``) and at each granularity it supports
+Each method, on each cell (``lstm``, ``gru``, ``rnn`` with tanh, and ``rnn`` with modReLU:
+:class:`bench.cells.ModReLURNN`) and at each granularity it supports
 there (a vanilla RNN has no gates: ``stacked`` only), trains the ``smoke`` profile of
 ``digits`` (scikit-learn's 8 x 8 digits: no files, seconds per run; 3 epochs instead of 6 for
 the GRU and the RNN) through the real trainer (:func:`bench.runner.run_one`) and must
@@ -33,9 +34,11 @@ from bench.tasks import TASKS
 MIN_ACC = 0.80
 MAX_PROJECTION_DROP = 0.01
 MIN_RECURRENT_CHANGE = 0.05
+#: (method, cell, nonlinearity, granularity): every cell, and the rnn cell's modReLU variant
+#: (bench.cells.ModReLURNN; the smoke profile of digits is one unidirectional layer, as it needs)
 CASES = [
-    (m, c, g)
-    for c in CELLS
+    (m, c, nl, g)
+    for c, nl in [*((c, "tanh") for c in CELLS), ("rnn", "modrelu")]
     for m, spec in METHODS.items()
     for g in spec.granularities
     if g == "stacked" or GATES[c] > 1
@@ -47,7 +50,9 @@ CASES = [
 SHORT_EPOCHS = {"gru": 3, "rnn": 3}
 
 
-def smoke_config(method: str, granularity: str = "stacked", cell: str = "lstm") -> RunConfig:
+def smoke_config(
+    method: str, granularity: str = "stacked", cell: str = "lstm", nonlinearity: str = "tanh"
+) -> RunConfig:
     return RunConfig(
         method=method,
         task="digits",
@@ -55,6 +60,7 @@ def smoke_config(method: str, granularity: str = "stacked", cell: str = "lstm") 
         profile="smoke",
         penalty_param=0.5 if METHODS[method].uses_penalty else None,
         cell=cell,
+        nonlinearity=nonlinearity,
         **{
             **TASKS["digits"].profiles["smoke"],
             **({"epochs": SHORT_EPOCHS[cell]} if cell in SHORT_EPOCHS else {}),
@@ -96,11 +102,15 @@ def _one_thread():
     torch.set_num_threads(old)
 
 
-@pytest.mark.parametrize("method,cell,granularity", CASES, ids=[f"{m}-{c}-{g}" for m, c, g in CASES])
-def test_every_method_learns(method, cell, granularity):
+@pytest.mark.parametrize(
+    "method,cell,nonlinearity,granularity",
+    CASES,
+    ids=[f"{m}-{c}-{g}" if nl == "tanh" else f"{m}-{c}({nl})-{g}" for m, c, nl, g in CASES],
+)
+def test_every_method_learns(method, cell, nonlinearity, granularity):
     if not METHODS[method].available():
         pytest.skip(f"{method} needs {METHODS[method].requires}")
-    row, history = run_one(smoke_config(method, granularity, cell))
+    row, history = run_one(smoke_config(method, granularity, cell, nonlinearity))
     check_contract(METHODS[method], row, history)
 
 
