@@ -454,8 +454,20 @@ def _recipe_text(c: RunConfig) -> str:
 
 
 def _shape(
-    method, task, num_layers, hidden_size, bidirectional, granularity, batch_size, device, seq_len, amp
+    method,
+    task,
+    num_layers,
+    hidden_size,
+    bidirectional,
+    granularity,
+    batch_size,
+    device,
+    seq_len,
+    amp,
+    cell="lstm",
+    nonlinearity="tanh",
 ):
+    # the cell and its nonlinearity are part of the shape: at one size their steps cost 1x to 3x each other
     return tuple(
         str(v)
         for v in (
@@ -469,6 +481,8 @@ def _shape(
             device,
             seq_len,
             amp,
+            cell,
+            nonlinearity,
         )
     )
 
@@ -496,6 +510,8 @@ def _recorded_seconds_per_sample(rows: list[dict], tasks: dict) -> dict:
                 r["device"],
                 r["seq_len"],
                 r.get("amp") or "off",
+                r.get("cell") or "lstm",
+                r.get("nonlinearity") or "tanh",
             )
             n = _samples(r["epochs"], r["n_train"], r["batch_size"], tasks[r["task"]].train is None)
             per.setdefault(key, []).append(float(r["wall_s"]) / n)
@@ -532,7 +548,8 @@ def _measured_seconds(cfg: RunConfig, task) -> float:
 def estimate(todo: list[RunConfig], rows: list[dict], data_dir) -> list[tuple[RunConfig, float, str]]:
     """``(cfg, seconds, source)`` per run to do: from the throughput already recorded in the
     folder for runs of the same shape (method, task, layers, hidden size, direction,
-    granularity, batch size, device, sequence length, amp), scaled by the training samples;
+    granularity, batch size, device, sequence length, amp, cell, nonlinearity), scaled by the
+    training samples;
     otherwise measured (one train step and one eval forward after a warm-up one)."""
     tasks = {c.task: get_task(c, data_dir) for c in todo}
     recorded = _recorded_seconds_per_sample(rows, tasks)
@@ -550,6 +567,8 @@ def estimate(todo: list[RunConfig], rows: list[dict], data_dir) -> list[tuple[Ru
             c.device,
             task.seq_len,
             c.amp,
+            c.cell,
+            c.nonlinearity,
         )
         if key in recorded:
             n = _samples(c.epochs, task.n_train, c.batch_size, task.train is None)

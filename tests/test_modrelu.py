@@ -234,3 +234,19 @@ def test_make_plain_and_plain_class():
     parametrize.register_parametrization(m, "weight_hh_l0", Count())
     assert cells.plain_class(m) == (ModReLURNN, {})  # parametrised: still its plain class
     assert type(cells.make_plain("rnn", 3, 4, 1, False, "relu")) is nn.RNN
+
+
+def test_dry_run_estimates_from_recorded_runs_of_the_same_cell_only():
+    """A folder's recorded throughput of tanh RNN (or LSTM) runs does not estimate modReLU runs."""
+    from bench import ablate
+
+    row = dict(status="ok", method="unconstrained", task="digits", num_layers="1", hidden_size="8")
+    row.update(bidirectional="False", granularity="stacked", batch_size="32", device="cpu", seq_len="8")
+    row.update(amp="", epochs="2", n_train="1000", wall_s="10.0", cell="rnn", nonlinearity="tanh")
+    cfg = dict(method="unconstrained", task="digits", num_layers=1, hidden_size=8, bidirectional=False)
+    cfg.update(batch_size=32, epochs=2, val_size=360, cell="rnn")
+    tanh, modrelu = RunConfig(**cfg), RunConfig(**cfg, nonlinearity="modrelu")
+    [(_, _, src_tanh), (_, _, src_modrelu)] = ablate.estimate([tanh, modrelu], [row], None)
+    assert (src_tanh, src_modrelu) == ("recorded", "measured")
+    [(_, _, src_lstm)] = ablate.estimate([RunConfig(**{**cfg, "cell": "lstm"})], [row], None)
+    assert src_lstm == "measured"
