@@ -128,7 +128,7 @@ class ModReLURNN(nn.Module):
     ICML 2016, eq. (8)).  This is expRNN's ``OrthogonalRNN`` cell (Lezcano-Casado &
     Martinez-Rubio, "Cheap orthogonal constraints in neural networks", ICML 2019,
     github.com/Lezcano/expRNN, ``orthogonal.py``; geotorch's ``examples/copying_problem.py``
-    uses the same cell): no input bias, no recurrent bias, the only bias is modReLU's.  expRNN
+    uses it with an input bias): no input bias, no recurrent bias, the only bias is modReLU's.  expRNN
     writes the recurrence h B with a row vector h; here it is W_hh h as in ``nn.RNN``, so
     W_hh = B^T.
 
@@ -151,9 +151,10 @@ class ModReLURNN(nn.Module):
     (geotorch, ``cdcore.dissolve``) is evaluated once per forward, not once per step.  Measured
     per optimiser step (forward, backward, RMSprop) at the long-memory study's shape (copying
     T = 100, i.e. 120 steps, hidden 128, batch 64, one thread, interleaved in one process):
-    see README, "Long-memory tasks" -- about the fused ``nn.LSTM``'s cost and a few times the
-    fused tanh ``nn.RNN``'s.  ``torch.compile`` of the unrolled loop would halve the step but
-    compiles for about a minute per sequence length on a CPU, so it is not used.
+    0.67x the fused ``nn.LSTM``'s step and 1.85x the fused tanh ``nn.RNN``'s (README,
+    "Long-memory tasks"; docs/tasks.md has the command).  ``torch.compile`` of the unrolled loop
+    would save about 45 % of the step but compiles for about a minute per sequence length on a
+    CPU, so it is not used.
 
     Parameters
     ----------
@@ -235,7 +236,8 @@ class ModReLURNN(nn.Module):
         Returns
         -------
         output : Tensor, (N, T, H)
-            h_1, ..., h_T.
+            h_1, ..., h_T, in the parameters' dtype (under autocast, the matrix products' autocast
+            dtype promoted with the modReLU bias's).
         h_n : Tensor, (1, N, H)
             h_T.
 

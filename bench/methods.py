@@ -1,7 +1,8 @@
 """The method registry: each way of keeping the recurrent weights orthogonal.
 
-A method turns the plain initial recurrent module of a run (``nn.LSTM``, ``nn.GRU`` or
-``nn.RNN``: the run's ``cell``, see :mod:`bench.cells`) into its own recurrent module and
+A method turns the plain initial recurrent module of a run (``nn.LSTM``, ``nn.GRU``,
+``nn.RNN`` or the modReLU cell ``bench.cells.ModReLURNN``: the run's ``cell``, see
+:mod:`bench.cells`) into its own recurrent module and
 says how to optimise it.  The trainer (:mod:`bench.runner`) only sees
 :class:`Method` (what the method is) and :class:`Built` (one model of it) and never
 asks which method it runs:
@@ -82,7 +83,7 @@ class Built:
         for methods without a map), each (g H, H) (g = 4 LSTM, 3 GRU, 1 RNN).
     project : callable
         ``project() -> nn.Module``: a new plain recurrent module of the cell (``nn.LSTM``,
-        ``nn.GRU`` or ``nn.RNN``, same nonlinearity) holding the
+        ``nn.GRU``, ``nn.RNN`` with the same nonlinearity, or ``ModReLURNN``) holding the
         trained weights, its recurrent weights replaced by their exact projection onto
         the manifold (polar factor, per gate block for ``per_gate``); the model is not
         changed.  For an unconstrained method this changes what the model computes (the
@@ -125,7 +126,8 @@ class Method:
         Paper(s) and implementation (``--list-methods``).
     build : callable
         ``build(rnn, cfg) -> Built`` from the plain initial module of the run's cell
-        (``nn.LSTM``, ``nn.GRU`` or ``nn.RNN``) and the :class:`bench.runner.RunConfig`.
+        (``nn.LSTM``, ``nn.GRU``, ``nn.RNN`` or ``ModReLURNN``) and the
+        :class:`bench.runner.RunConfig`.
     constrained : bool
         True when the recurrent weights are kept on (or pulled to) the manifold.
     uses_penalty : bool
