@@ -30,6 +30,7 @@ import logging
 import os
 import socket
 import sys
+import threading
 import uuid
 from pathlib import Path
 
@@ -150,13 +151,15 @@ class LocalExecutor:
             on_result(cfg, row, history)
 
 
-_WORKER_GATE = []  # the timing gate of this Dask worker process, opened by its first run
+_WORKER_GATE = threading.local()  # a worker thread's timing gate, opened by its first run
 
 
 def _worker_gate():
-    if not _WORKER_GATE:
-        _WORKER_GATE.append(machine_gate())
-    return _WORKER_GATE[0]
+    """This Dask worker thread's handle on the machine's gate (a handle serves one thread: a
+    worker with several threads runs several runs at once)."""
+    if not hasattr(_WORKER_GATE, "gate"):
+        _WORKER_GATE.gate = machine_gate()
+    return _WORKER_GATE.gate
 
 
 def run_on_worker(
@@ -209,6 +212,12 @@ def run_on_worker(
         torch_version=torch.__version__,
     )
     return row, history
+
+
+def _worker_env(name: str) -> str | None:
+    """A variable of the Dask worker's environment (``client.run(os.environ.get, ...)`` would
+    pickle the driver's ``os.environ`` and read that)."""
+    return os.environ.get(name)
 
 
 def _profiler_on(dask_worker=None) -> bool:
@@ -310,6 +319,11 @@ class DaskExecutor:
                     for k, v in DASK_WORKER_CONFIG["distributed.nanny.pre-spawn-environ"].items()
                 }
                 saved = dict(os.environ)  # the nanny writes its pre-spawn environment into ours
+                # and keeps a variable our environment has: the workers' values must be ours
+                os.environ.pop("MALLOC_TRIM_THRESHOLD_", None)
+                os.environ.update(
+                    {k: str(v) for k, v in config["distributed.nanny.pre-spawn-environ"].items() if v}
+                )
                 try:
                     with dask.config.set(config):
                         self._cluster = LocalCluster(
@@ -339,7 +353,7 @@ class DaskExecutor:
             f"{self.threads} torch thread{'s' * (self.threads != 1)} per run"
         ]
         try:
-            trim = self.client.run(os.environ.get, "MALLOC_TRIM_THRESHOLD_")
+            trim = self.client.run(_worker_env, "MALLOC_TRIM_THRESHOLD_")
             profiling = self.client.run(_profiler_on)
         except Exception:  # noqa: BLE001 - a worker leaving meanwhile: no warning rather than no sweep
             trim, profiling = {}, {}

@@ -156,3 +156,35 @@ def test_worker_environment():
     # the driver's own CUDA_VISIBLE_DEVICES is honoured: cuda:1 is its second visible device
     assert worker_env("cuda:1", 1, {**base, "CUDA_VISIBLE_DEVICES": "3, 5"})["CUDA_VISIBLE_DEVICES"] == "5"
     assert base["MALLOC_TRIM_THRESHOLD_"] == "65536"  # the driver's environment is left alone
+
+
+def test_auto_executor_plans_cuda_runs_with_a_fake_probe():
+    """What the sweep prints and records for a CUDA plan (no GPU here: fake facts)."""
+    from bench.executors import AutoExecutor
+
+    probe, calls = fake_gpus(2, free=[20 * GiB, 20 * GiB], run_peak=GiB, context=GiB)
+    ex = AutoExecutor(machine=Machine(cores=16, gpus=2, cuda_memory=probe))
+    lines = ex.plan(cuda(12) + cpu(3))
+    assert calls == [12]  # only the cuda runs are probed
+    assert lines[0].startswith("executor auto: cuda: 6 runs per GPU x 2 GPUs, 1 torch thread each")
+    assert lines[1].startswith("executor auto: cpu: 3 worker processes x 1 torch thread, 3 runs (4 of 16")
+    assert lines[2].startswith("executor auto: 15 worker processes;")
+    d = ex.describe()
+    assert d["packing"] == {"cuda": "cuda 6x1", "cpu": "cpu 3x1"} and d["workers"] == 15
+    assert d["slots"][:6] == ["cuda:0 x1 threads"] * 6 and d["in_process"] is False
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA")
+def test_cuda_memory_probe_on_a_real_device():
+    """Written without a GPU and never run here: the probe's numbers are plausible."""
+    import torch
+
+    from bench.packing import probe_cuda_memory_in_child
+    from bench.runner import RunConfig
+
+    cfgs = [RunConfig("lstm", task="digits", device="cuda"), RunConfig("cd", task="digits", device="cuda")]
+    mems = probe_cuda_memory_in_child(cfgs, None)
+    assert len(mems) == torch.cuda.device_count()
+    for m in mems:
+        assert 0 < m.run_peak < m.total and 0 < m.context < m.total and 0 < m.free <= m.total

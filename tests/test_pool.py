@@ -236,3 +236,23 @@ def test_killed_packed_sweep_resumes_as_the_local_executor_does(tmp_path, monkey
     assert ablate.main([*GRID, "--executor", "local", "--out", str(tmp_path / "local")]) == 0
     _same_rows(out, tmp_path / "local")
     assert (_runs(out)["status"] == "ok").all()
+
+
+@pytest.mark.slow(reason="two tiny sweeps in fresh interpreters, one of them packed: 20-60 s")
+def test_packbench_runs_and_reports_the_ratio(tmp_path):
+    """The benchmark itself (not a timed test): both sweeps run, the table has a ratio."""
+    p = subprocess.run(  # the digits grid's flags come after the quick grid's: the last flag wins
+        [sys.executable, "-m", "bench.packbench", "--out", str(tmp_path / "pb"), "--", *GRID],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    table = pd.read_csv(tmp_path / "pb" / "packbench.csv")
+    assert sorted(table["mode"]) == ["local", "packed"] and (table["ok"] == 4).all()
+    packing = table.set_index("mode")["packing"]
+    assert packing["local"] == "cpu 1x1" and packing["packed"].startswith("cpu ")  # OMP_NUM_THREADS=1
+    md = (tmp_path / "pb" / "packbench.md").read_text()
+    assert "Median ratio over 1 repeat(s): **" in md
+    assert (tmp_path / "pb" / "command.txt").read_text().startswith("python -m bench.packbench --out ")
