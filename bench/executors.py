@@ -544,7 +544,11 @@ class AutoExecutor:
             bar.set_postfix_str(f"{cfg.method} {row['status']}")
             bar.update()
 
-        pool = WorkerPool(self.packing)
+        def started(cfg, worker):
+            if progress:
+                tqdm.write(f"start {cfg.run_id} {cfg.method} on {worker}", file=sys.stdout)
+
+        pool = WorkerPool(self.packing, on_start=started)
         try:
             pool.run(plan, counted, data_dir=_absolute(data_dir), checkpoint_dir=_absolute(checkpoint_dir))
         finally:

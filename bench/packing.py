@@ -289,6 +289,8 @@ def plan_packing(
             f"cpu: {_plural(n, 'worker process')} x {_plural(k, 'torch thread')}, "
             f"{_plural(n_cpu, 'run')} ({why})"
         )
+    if runs_per_gpu != "auto" and not n_cuda:
+        lines.append(f"--runs-per-gpu {runs_per_gpu} ignored: no cuda runs to do")
     return Packing(slots, labels, lines)
 
 

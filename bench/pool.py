@@ -41,7 +41,7 @@ from collections import deque
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
 
-__all__ = ["REMOVED_ENV", "THREAD_ENV", "WorkerPool", "worker_env"]
+__all__ = ["REMOVED_ENV", "THREAD_ENV", "WorkerPool", "data_key", "dispatch_order", "worker_env"]
 
 #: variables a worker does not inherit from the driver (see the module docstring)
 REMOVED_ENV = ("MALLOC_TRIM_THRESHOLD_",)
@@ -73,6 +73,16 @@ def data_key(cfg) -> tuple:
     from .runner import task_options
 
     return (cfg.task, *sorted((k, repr(v)) for k, v in task_options(cfg).items()))
+
+
+def dispatch_order(plan) -> list:
+    """The runs of ``plan`` grouped by their data (:func:`data_key`), in plan order within a
+    group and by first appearance between groups: a worker keeps the last task's data, so a
+    worker loads each task's data once."""
+    first = {}
+    for cfg in plan:
+        first.setdefault(data_key(cfg), len(first))
+    return sorted(plan, key=lambda c: first[data_key(c)])  # sorted() is stable
 
 
 class _Worker:
@@ -145,10 +155,10 @@ class WorkerPool:
     def run(self, plan, on_result, *, data_dir, checkpoint_dir=None) -> None:
         """Do every run of ``plan``; ``on_result(cfg, row, history)`` here, once per run.
 
-        Runs are handed out grouped by their data (:func:`data_key`, stable), to the first
-        idle worker of their device kind.  Returns when every run has a result.
+        Runs are handed out in :func:`dispatch_order`, each to the first idle worker of its
+        device kind.  Returns when every run has a result.
         """
-        order = sorted(plan, key=lambda c: (data_key(c), 0))  # sorted() is stable
+        order = dispatch_order(plan)
         queues: dict[str, deque] = {}
         for cfg in order:
             queues.setdefault(str(cfg.device).split(":")[0], deque()).append(cfg)
@@ -195,16 +205,17 @@ class WorkerPool:
                     w.conn = None
                     self.workers.remove(w)
                     what = f"worker process {w.pid} died (exit status {code})"
+                    kind = w.slot.kind
                     if w.current is not None:
                         record_failed(w.current, what, w)
                     elif not w.ready:
-                        early_deaths[w.slot.kind] = early_deaths.get(w.slot.kind, 0) + 1
-                    q = queues.get(w.slot.kind)
-                    if q and early_deaths.get(w.slot.kind, 0) >= 2:
-                        while q:  # workers of this kind cannot start: fail its runs, do not loop
-                            record_failed(q.popleft(), f"{what} before its first run", w)
-                    elif q:
+                        early_deaths[kind] = early_deaths.get(kind, 0) + 1
+                    q = queues.get(kind)
+                    if q and early_deaths.get(kind, 0) < 2:
                         self._spawn(w.slot)
+                    elif q and not any(x.slot.kind == kind for x in self.workers):
+                        while q:  # workers of this kind cannot start: fail its runs rather than loop
+                            record_failed(q.popleft(), f"{what} before its first run", w)
                     continue
                 if msg[0] == "ready":
                     w.ready = True

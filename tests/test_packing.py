@@ -116,6 +116,8 @@ def test_cuda_auto_caps_by_cores_and_runs_and_never_goes_below_one():
 def test_cuda_explicit_runs_per_gpu_measures_nothing():
     p = plan_packing(cuda(10), Machine(cores=8, gpus=2, cuda_memory=no_probe), runs_per_gpu=3)
     assert p.labels["cuda"] == "cuda 3x1" and len(p.slots) == 6 and "--runs-per-gpu 3" in p.lines[0]
+    p = plan_packing(cpu(4), Machine(cores=2, cuda_memory=no_probe), runs_per_gpu=3)
+    assert p.lines[-1] == "--runs-per-gpu 3 ignored: no cuda runs to do"
 
 
 def test_mixed_devices_leave_the_gpu_drivers_their_cores():
@@ -188,3 +190,15 @@ def test_cuda_memory_probe_on_a_real_device():
     assert len(mems) == torch.cuda.device_count()
     for m in mems:
         assert 0 < m.run_peak < m.total and 0 < m.context < m.total and 0 < m.free <= m.total
+
+
+def test_dispatch_order_groups_runs_by_their_data():
+    """A worker keeps the last task's data: runs sharing data go out together, in plan order."""
+    from bench.pool import dispatch_order
+    from bench.runner import RunConfig
+
+    a = [RunConfig("lstm", task="digits", seed=s) for s in range(3)]
+    b = [RunConfig("cd", task="smnist", train_subset=100, seed=s) for s in range(2)]
+    c = [RunConfig("cd", task="smnist", train_subset=200)]
+    plan = [b[0], a[0], c[0], a[1], b[1], a[2]]
+    assert dispatch_order(plan) == [b[0], b[1], a[0], a[1], a[2], c[0]]

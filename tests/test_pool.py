@@ -256,3 +256,15 @@ def test_packbench_runs_and_reports_the_ratio(tmp_path):
     md = (tmp_path / "pb" / "packbench.md").read_text()
     assert "Median ratio over 1 repeat(s): **" in md
     assert (tmp_path / "pb" / "command.txt").read_text().startswith("python -m bench.packbench --out ")
+
+
+@pytest.mark.slow(reason="three worker processes that fail to start, each importing torch first: 10-30 s")
+def test_workers_that_cannot_start_fail_the_runs_instead_of_looping(tmp_path, monkeypatch):
+    """Every worker dies before its first run (here: a hook that cannot be imported): after the
+    first replacement also dies, the runs are recorded failed and the sweep ends (exit 3)."""
+    monkeypatch.setenv("CDBENCH_WORKER_HOOK", "no_such_module_here:hook")
+    out = tmp_path / "o"
+    assert ablate.main([*GRID, *PACKED, "--out", str(out)]) == ablate.EXIT_NOT_ALL_OK
+    runs = _runs(out)
+    assert len(runs) == 4 and (runs["status"] == "failed").all()
+    assert runs["error"].str.match(r"worker process \d+ died \(exit status 1\) before its first run$").all()
