@@ -4,11 +4,12 @@ many threads, and why.
 A sweep's runs are independent, so a machine is best filled with several of them at once:
 
 * **CPU.**  One worker process per physical core, each run with one torch thread (or
-  ``--threads-per-run k``: one worker per k cores).  Small recurrent models do not scale
-  across threads (OpenMP's fork/join per kernel costs more than it gives at batch 64), so
-  one-thread runs side by side train more samples per second in total than one run with
-  every thread (measured: docs/perf.md).  With fewer runs than cores and no
-  ``--threads-per-run``, the spare cores become threads of the runs.
+  ``--threads-per-run k``: one worker per k cores).  Small recurrent models scale better
+  across processes than across threads (an OpenMP fork and join around every small kernel,
+  and threads that spin waiting for each other when the machine is shared), so one-thread
+  runs side by side train more samples per second in total than one run with every thread
+  (measured: docs/perf.md).  With fewer runs than cores and no ``--threads-per-run``, the
+  spare cores become threads of the runs.
 * **CUDA.**  A run of the notebook's model uses a few hundred MB of a device with tens of
   GB and leaves most of its compute idle, so ``--runs-per-gpu auto`` puts as many runs on
   each device as their *measured* memory allows (:func:`probe_cuda_memory`: peak reserved
