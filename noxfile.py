@@ -7,6 +7,8 @@
   project claims (``OLDEST``).
 * ``nox -s lint``: ``ruff check`` and ``ruff format --check`` on the whole tree.
 * ``nox -s bench``: the main sweep.  ``nox -s perf``: the micro-benchmarks.
+* ``nox -s packbench``: the wall time of a sweep packed (``--executor auto``) and one at a
+  time (``--executor local``), measured in one sitting.
 
 Each session makes its own virtualenv and installs this project into it.
 """
@@ -84,3 +86,11 @@ def perf(session):
     """Micro-benchmarks of one train step and one eval forward per method; writes results/perf/."""
     session.install("-e", ".[test]")
     session.run("python", "-m", "bench.perf", *session.posargs)
+
+
+@nox.session
+def packbench(session):
+    """A sweep packed and one at a time in one sitting: the ratio of wall times
+    (bench.packbench; writes results/packbench/).  Arguments after `--` pass through."""
+    session.install("-e", ".[ref]")
+    session.run("python", "-m", "bench.packbench", *session.posargs)

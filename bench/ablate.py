@@ -204,13 +204,32 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="print the plan (runs, runs already ok) and an estimate of its time; write nothing",
     )
-    p.add_argument("--executor", type=choice("executor", ["local", "dask"]), default="local")
+    p.add_argument(
+        "--executor",
+        type=choice("executor", ["auto", "local", "dask"]),
+        default="auto",
+        help="auto: runs packed onto this machine's cores and GPUs (default); local: one at a time "
+        "in this process; dask: a Dask cluster (docs/dask.md)",
+    )
     p.add_argument("--scheduler", default=None, help="dask scheduler address (with --executor dask)")
     p.add_argument(
         "--workers",
         type=positive("workers"),
         default=None,
-        help="start a dask LocalCluster of N workers (with --executor dask)",
+        help="auto: CPU worker processes (default: from the physical cores); dask: start a "
+        "LocalCluster of N workers",
+    )
+    p.add_argument(
+        "--threads-per-run",
+        type=positive("threads-per-run"),
+        default=None,
+        help="torch threads of each run (auto: default 1, more when runs are fewer than cores)",
+    )
+    p.add_argument(
+        "--runs-per-gpu",
+        type=_runs_per_gpu,
+        default="auto",
+        help="concurrent runs per CUDA device with --executor auto: N, or auto (from measured memory)",
     )
     p.add_argument(
         "--list-methods",
@@ -218,6 +237,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="print every registered method (maths, reference, granularities) and exit",
     )
     return p
+
+
+def _runs_per_gpu(s: str):
+    if s == "auto":
+        return s
+    try:
+        return number("runs-per-gpu", int, minimum=0, strict=True)(s)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"runs-per-gpu must be auto or a positive integer; got {s!r}"
+        ) from None
 
 
 def _tasks_with(option: str) -> list[str]:
@@ -417,13 +447,15 @@ def _with_recipe(plan: list[RunConfig], args) -> list[RunConfig]:
     ]
 
 
-def _print_plan(plan, done, notices, out):
+def _print_plan(plan, done, notices, out, packing=()):
     for n in notices:
         print(f"note: {n}")
     todo = [c for c in plan if c.run_id not in done]
     print(
         f"plan: {len(plan)} runs into {out} ({len(plan) - len(todo)} already ok, skipped; {len(todo)} to run)"
     )
+    for line in packing:
+        print(f"  {line}")
     for c in plan:
         mark = "skip" if c.run_id in done else "run "
         pen = "" if c.penalty_param is None else f" penalty_param={c.penalty_param:g}"
@@ -620,7 +652,8 @@ def _sweep(
 ) -> tuple[dict, int]:
     """Run the planned runs not yet ``ok`` in ``store``; returns ({run_id: status}, runs skipped)."""
     done = store.prepare({c.run_id for c in plan}, force=args.force)
-    todo = _print_plan(plan, done, notices, out)
+    packing = executor.plan([c for c in plan if c.run_id not in done], data_dir)
+    todo = _print_plan(plan, done, notices, out, packing)
     env = environment(sorted({c.device for c in plan}))
     commit = git_commit()
     write_meta(
@@ -666,8 +699,12 @@ def main(argv=None) -> int:
         if args.list_methods:
             print(list_methods())
             return 0
-        if args.executor == "local" and (args.scheduler or args.workers):
-            raise UsageError("--scheduler and --workers need --executor dask")
+        if args.executor != "dask" and args.scheduler:
+            raise UsageError("--scheduler needs --executor dask")
+        if args.executor == "local" and args.workers:
+            raise UsageError("--workers needs --executor auto or dask; --executor local runs one at a time")
+        if args.executor != "auto" and args.runs_per_gpu != "auto":
+            raise UsageError("--runs-per-gpu needs --executor auto")
         plan, notices, profile = make_plan(args)
         if not plan:
             raise UsageError("the grid is empty: no method applies to the chosen granularity/methods")
@@ -678,14 +715,20 @@ def main(argv=None) -> int:
         out = Path(args.out or Path("results") / f"{'+'.join(tasks)}-{profile}")
         if args.dry_run:
             return dry_run(plan, notices, out, data_dir, args.force)
-        executor = make_executor(args.executor, scheduler=args.scheduler, workers=args.workers)
+        executor = make_executor(
+            args.executor,
+            scheduler=args.scheduler,
+            workers=args.workers,
+            threads_per_run=args.threads_per_run,
+            runs_per_gpu=args.runs_per_gpu,
+        )
     except (UsageError, DataError, ValueError) as e:
         print(f"bench.ablate: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     try:
         with ResultStore(out) as store:
             results, skipped = _sweep(store, executor, plan, notices, profile, args, argv, data_dir, out)
-    except FolderBusy as e:
+    except (FolderBusy, UsageError) as e:
         print(f"bench.ablate: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     finally:

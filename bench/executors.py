@@ -4,12 +4,23 @@ An executor runs ``bench.runner.run_one`` for each planned configuration and han
 every result to ``on_result(cfg, row, history)`` in the driver process, which alone
 writes the result files (so resume and crash safety do not depend on the executor).
 
+* ``auto`` (the default): the runs packed onto the machine by :mod:`bench.packing` (one
+  single-threaded run per physical core on a CPU, several runs per GPU when their
+  measured memory allows) in worker processes of :mod:`bench.pool`; with one worker, as
+  ``local`` with the planned threads.
 * ``local``: one run after another in this process (progress bars over runs and
   within each epoch when stderr is a terminal; one plain line per run and per epoch
   otherwise, so that a log redirected to a file holds no escape codes).
 * ``dask``: one Dask task per run on a ``dask.distributed`` cluster, either an existing
   scheduler (``--scheduler ADDRESS``) or a ``LocalCluster`` of ``--workers N``
   single-threaded worker processes started here.  See ``docs/dask.md``.
+
+Every executor has ``plan(todo, data_dir) -> lines`` (called once before ``run``: how the
+runs will be packed and why, printed with the sweep's plan), ``describe()`` (for
+``meta.json``), ``run`` and ``close``.  Every run passes the machine's timing gate
+(:mod:`bench.gate`) at each training step and measures its throughput holding it
+exclusively, whichever executor runs it, so runs of other sweeps on the same machine do
+not pollute its timings either.
 """
 
 from __future__ import annotations
@@ -20,23 +31,70 @@ import logging
 import os
 import socket
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
 
 from .errors import UsageError
+from .gate import machine_gate
+from .packing import plan_packing, probe_cuda_memory_in_child, this_machine
+from .pool import WorkerPool
 from .provenance import device_name
 from .runner import RunConfig, run_one
 
 #: seconds to wait for an existing scheduler before ``--scheduler`` counts as wrong
 CONNECT_TIMEOUT_S = 5
 
+#: Dask settings of the LocalCluster started by ``--executor dask --workers N`` (see
+#: docs/dask.md for workers started by hand): no ``MALLOC_TRIM_THRESHOLD_=65536`` from the
+#: nanny (it makes glibc mmap and unmap every large tensor at each step: 1.4-1.9x slower
+#: training, docs/perf.md) and no statistical profiler (a thread that samples every
+#: worker thread's stack every 10 ms, holding the GIL).
+DASK_WORKER_CONFIG = {
+    "distributed.nanny.pre-spawn-environ": {
+        "MALLOC_TRIM_THRESHOLD_": None,
+        "OMP_NUM_THREADS": 1,
+        "MKL_NUM_THREADS": 1,
+        "OPENBLAS_NUM_THREADS": 1,
+    },
+    "distributed.worker.profile.enabled": False,
+}
+
+
+def _label(device: str, runs: int, threads: int) -> str:
+    """The ``packing`` column: ``<device kind> <concurrent runs>x<threads>``."""
+    return f"{str(device).split(':')[0]} {runs}x{threads}"
+
 
 class LocalExecutor:
+    """One run after another in this process.
+
+    Parameters
+    ----------
+    threads : int, optional
+        Torch threads of the runs (``--threads-per-run``); default: torch's (every core).
+    """
+
     name = "local"
 
+    def __init__(self, threads: int | None = None, why: str | None = None) -> None:
+        self.threads = threads
+        self._why = why
+
+    def plan(self, todo, data_dir=None) -> list[str]:
+        import torch
+
+        if self.threads is not None:
+            torch.set_num_threads(self.threads)
+        n = torch.get_num_threads()
+        why = self._why or "--executor local"
+        return [f"local: one run at a time in this process, {n} torch thread{'s' * (n != 1)} ({why})"]
+
     def describe(self) -> dict:
-        return {"executor": "local"}
+        import torch
+
+        return {"executor": "local", "threads": torch.get_num_threads()}
 
     def close(self) -> None:
         pass
@@ -48,13 +106,16 @@ class LocalExecutor:
 
         ``progress``: bars (tqdm) on ``stream`` (default ``sys.stderr``) when it is a
         terminal, one-line messages on it otherwise (one when a run starts, one per epoch
-        done); nothing when False.
+        done); nothing when False.  Every run passes the machine's timing gate
+        (:mod:`bench.gate`).
         """
+        import torch
         from tqdm.auto import tqdm
 
         stream = sys.stderr if stream is None else stream
         bars = progress and _is_terminal(stream)
         host = socket.gethostname()
+        gate = machine_gate()
         runs = tqdm(plan, desc="runs", unit="run", disable=not bars, position=0, file=stream)
         for k, cfg in enumerate(runs):
             runs.set_postfix_str(f"{cfg.method} {cfg.task}")
@@ -86,13 +147,33 @@ class LocalExecutor:
                         flush=True,
                     )
 
+            def step(done, total, epoch, tick=tick):
+                gate.boundary()
+                if progress:
+                    tick(done, total, epoch)
+
             if progress and not bars:
                 print(f"bench: {what} started", file=stream, flush=True)
-            row, history = run_one(
-                cfg, data_dir=data_dir, checkpoint_dir=checkpoint_dir, progress=tick if progress else None
-            )
+            if gate is not None:
+                gate.enter()
+            try:
+                row, history = run_one(
+                    cfg,
+                    data_dir=data_dir,
+                    checkpoint_dir=checkpoint_dir,
+                    progress=step if gate is not None else (tick if progress else None),
+                    timing_lock=gate.exclusive if gate is not None else None,
+                )
+            finally:
+                if gate is not None:
+                    gate.leave()
             bar.close()
-            row.update(executor="local", worker="local", host=host)
+            row.update(
+                executor="local",
+                worker="local",
+                host=host,
+                packing=_label(cfg.device, 1, torch.get_num_threads()),
+            )
             on_result(cfg, row, history)
 
 
@@ -103,8 +184,22 @@ def _is_terminal(stream) -> bool:
         return False
 
 
-def run_on_worker(cfg: RunConfig, data_dir, checkpoint_dir) -> tuple[dict, list[dict]]:
-    """The Dask task of one run: :func:`bench.runner.run_one` with one torch thread.
+_WORKER_GATE = threading.local()  # a worker thread's timing gate, opened by its first run
+
+
+def _worker_gate():
+    """This Dask worker thread's handle on the machine's gate (a handle serves one thread: a
+    worker with several threads runs several runs at once)."""
+    if not hasattr(_WORKER_GATE, "gate"):
+        _WORKER_GATE.gate = machine_gate()
+    return _WORKER_GATE.gate
+
+
+def run_on_worker(
+    cfg: RunConfig, data_dir, checkpoint_dir, threads: int = 1, packing: str | None = None
+) -> tuple[dict, list[dict]]:
+    """The Dask task of one run: :func:`bench.runner.run_one` with ``threads`` torch threads,
+    through the machine's timing gate (:mod:`bench.gate`).
 
     Parameters
     ----------
@@ -112,19 +207,37 @@ def run_on_worker(cfg: RunConfig, data_dir, checkpoint_dir) -> tuple[dict, list[
         The run.
     data_dir, checkpoint_dir : str or None
         Absolute paths, valid on the worker.
+    threads : int
+        Torch threads of the run (one run per worker thread: N workers use N x threads cores).
+    packing : str, optional
+        The ``packing`` column (the driver's view of the cluster).
 
     Returns
     -------
     row, history
         As ``run_one``, the row with ``executor``, ``worker`` (the worker's address),
-        ``host``, ``device_name`` and ``torch_version`` (of the worker) added.
+        ``host``, ``device_name``, ``torch_version`` (of the worker) and ``packing`` added.
     """
     import torch
     from dask.distributed import get_worker
 
-    torch.set_num_threads(1)  # one run per worker thread: N workers use N cores, not N x cores
-    row, history = run_one(cfg, data_dir=data_dir, checkpoint_dir=checkpoint_dir)
+    torch.set_num_threads(threads)
+    gate = _worker_gate()
+    if gate is not None:
+        gate.enter()
+    try:
+        row, history = run_one(
+            cfg,
+            data_dir=data_dir,
+            checkpoint_dir=checkpoint_dir,
+            progress=(lambda done, total, epoch: gate.boundary()) if gate is not None else None,
+            timing_lock=gate.exclusive if gate is not None else None,
+        )
+    finally:
+        if gate is not None:
+            gate.leave()
     row.update(
+        packing=packing,
         executor="dask",
         worker=get_worker().address,
         host=socket.gethostname(),
@@ -132,6 +245,19 @@ def run_on_worker(cfg: RunConfig, data_dir, checkpoint_dir) -> tuple[dict, list[
         torch_version=torch.__version__,
     )
     return row, history
+
+
+def _worker_env(name: str) -> str | None:
+    """A variable of the Dask worker's environment (``client.run(os.environ.get, ...)`` would
+    pickle the driver's ``os.environ`` and read that)."""
+    return os.environ.get(name)
+
+
+def _profiler_on(dask_worker=None) -> bool:
+    """Whether this Dask worker runs its statistical profiler (``client.run`` passes the worker)."""
+    import dask
+
+    return bool(dask.config.get("distributed.worker.profile.enabled", default=True))
 
 
 def _failed_row(cfg: RunConfig, exc: BaseException) -> dict:
@@ -179,7 +305,10 @@ class DaskExecutor:
         Address of a running scheduler (``tcp://host:8786``) or the path of its
         scheduler file.  Exactly one of ``scheduler`` and ``workers`` is given.
     workers : int, optional
-        Start a ``LocalCluster`` of this many single-threaded worker processes.
+        Start a ``LocalCluster`` of this many single-threaded worker processes (with
+        :data:`DASK_WORKER_CONFIG`).
+    threads : int, optional
+        Torch threads of each run (``--threads-per-run``; default 1).
 
     Raises
     ------
@@ -199,7 +328,9 @@ class DaskExecutor:
 
     name = "dask"
 
-    def __init__(self, scheduler: str | None = None, workers: int | None = None) -> None:
+    def __init__(
+        self, scheduler: str | None = None, workers: int | None = None, threads: int | None = None
+    ) -> None:
         if (scheduler is None) == (workers is None):
             raise UsageError(
                 "--executor dask needs exactly one of --scheduler ADDRESS (an existing "
@@ -212,11 +343,28 @@ class DaskExecutor:
             raise UsageError("--executor dask needs dask.distributed: pip install 'cdbench[dask]'") from None
         self._cluster = None
         self._token = uuid.uuid4().hex[:8]  # keeps the task keys of concurrent sweeps apart
+        self.threads = threads or 1
         try:
             if workers is not None:
-                self._cluster = LocalCluster(
-                    n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None
+                config = dict(DASK_WORKER_CONFIG)
+                config["distributed.nanny.pre-spawn-environ"] = {
+                    k: (self.threads if v == 1 else v)
+                    for k, v in DASK_WORKER_CONFIG["distributed.nanny.pre-spawn-environ"].items()
+                }
+                saved = dict(os.environ)  # the nanny writes its pre-spawn environment into ours
+                # and keeps a variable our environment has: the workers' values must be ours
+                os.environ.pop("MALLOC_TRIM_THRESHOLD_", None)
+                os.environ.update(
+                    {k: str(v) for k, v in config["distributed.nanny.pre-spawn-environ"].items() if v}
                 )
+                try:
+                    with dask.config.set(config):
+                        self._cluster = LocalCluster(
+                            n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None
+                        )
+                finally:
+                    os.environ.clear()
+                    os.environ.update(saved)
                 self.client = Client(self._cluster, set_as_default=False)
             else:
                 address = _scheduler_address(scheduler)
@@ -229,6 +377,26 @@ class DaskExecutor:
         self.scheduler = self.client.scheduler.address
         self._n_workers = len(self.client.scheduler_info()["workers"])
         self._versions = {"dask_version": dask.__version__}
+
+    def plan(self, todo, data_dir=None) -> list[str]:
+        """How the runs go out, and a warning about workers whose settings slow training."""
+        how = "a LocalCluster started here" if self._cluster is not None else f"scheduler {self.scheduler}"
+        lines = [
+            f"dask: one task per run on {how}, {self._n_workers} workers at the start, "
+            f"{self.threads} torch thread{'s' * (self.threads != 1)} per run"
+        ]
+        try:
+            trim = self.client.run(_worker_env, "MALLOC_TRIM_THRESHOLD_")
+            profiling = self.client.run(_profiler_on)
+        except Exception:  # noqa: BLE001 - a worker leaving meanwhile: no warning rather than no sweep
+            trim, profiling = {}, {}
+        slow = sorted({a for a, v in trim.items() if v} | {a for a, v in profiling.items() if v})
+        if slow:
+            lines.append(
+                f"dask: warning: {len(slow)} worker(s) have MALLOC_TRIM_THRESHOLD_ set or the statistical "
+                f"profiler on (Dask's defaults), which slow training (docs/dask.md, 'Worker settings')"
+            )
+        return lines
 
     def describe(self) -> dict:
         """What goes into ``meta.json``: scheduler address, workers at start, how started."""
@@ -305,6 +473,8 @@ class DaskExecutor:
                 retries=1,
                 key=f"run-{cfg.run_id}-{self._token}",
                 resources={"GPU": 1} if cfg.device == "cuda" else None,
+                threads=self.threads,
+                packing=_label("dask", self._n_workers, self.threads),
             )
             futures.append(fut)
             cfg_of[fut.key] = cfg
@@ -324,10 +494,116 @@ class DaskExecutor:
             bar.close()
 
 
-def make_executor(name: str, scheduler: str | None = None, workers: int | None = None):
+class AutoExecutor:
+    """The runs packed onto this machine (:mod:`bench.packing`) in worker processes
+    (:mod:`bench.pool`); one worker runs in this process, as :class:`LocalExecutor`.
+
+    Parameters
+    ----------
+    threads_per_run, workers, runs_per_gpu
+        As :func:`bench.packing.plan_packing` (``--threads-per-run``, ``--workers``,
+        ``--runs-per-gpu``).
+    machine : bench.packing.Machine, optional
+        The machine's facts (default: :func:`bench.packing.this_machine`, measured in
+        :meth:`plan`); tests pass fakes.
+    """
+
+    name = "auto"
+
+    def __init__(self, threads_per_run=None, workers=None, runs_per_gpu="auto", machine=None) -> None:
+        self.threads_per_run, self.workers, self.runs_per_gpu = threads_per_run, workers, runs_per_gpu
+        self.machine = machine
+        self.packing = None
+        self._inner = None  # the LocalExecutor when one worker is planned
+        self._lines: list[str] = []
+
+    def plan(self, todo, data_dir=None) -> list[str]:
+        """Plan the packing of ``todo`` (measures the machine, and on CUDA the runs' memory)."""
+        machine = self.machine or this_machine(
+            with_cuda_probe=lambda cfgs: probe_cuda_memory_in_child(cfgs, data_dir)
+        )
+        try:
+            self.packing = plan_packing(
+                todo,
+                machine,
+                threads_per_run=self.threads_per_run,
+                workers=self.workers,
+                runs_per_gpu=self.runs_per_gpu,
+            )
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        lines = [f"executor auto: {line}" for line in self.packing.lines]
+        slots = self.packing.slots
+        if len(slots) == 1 and slots[0].kind == "cpu":
+            self._inner = LocalExecutor(threads=slots[0].threads, why="one worker: in this process")
+            self._inner.plan(todo, data_dir)
+            lines.append("executor auto: one worker, so the runs go one at a time in this process")
+        elif slots:
+            lines.append(
+                f"executor auto: {len(slots)} worker processes; each run times its throughput "
+                f"holding the machine's timing gate, while its neighbours wait at their next step"
+            )
+        self._lines = lines
+        return lines
+
+    def describe(self) -> dict:
+        out = {"executor": "auto", "plan": self._lines}
+        if self.packing is not None:
+            out.update(
+                packing=self.packing.labels,
+                workers=self.packing.workers,
+                slots=[f"{s.device} x{s.threads} threads" for s in self.packing.slots],
+                in_process=self._inner is not None,
+            )
+        return out
+
+    def close(self) -> None:
+        pass
+
+    def run(self, plan: list[RunConfig], on_result, *, data_dir, checkpoint_dir=None, progress=True) -> None:
+        """Do the runs of ``plan`` (planned first with :meth:`plan`, or here)."""
+        if self.packing is None:
+            self.plan(plan, data_dir)
+        if self._inner is not None:
+            return self._inner.run(
+                plan, on_result, data_dir=data_dir, checkpoint_dir=checkpoint_dir, progress=progress
+            )
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(plan), desc="runs", unit="run", disable=not (progress and sys.stderr.isatty()))
+
+        def counted(cfg, row, history):
+            on_result(cfg, row, history)
+            bar.set_postfix_str(f"{cfg.method} {row['status']}")
+            bar.update()
+
+        def started(cfg, worker):
+            if progress:
+                tqdm.write(f"start {cfg.run_id} {cfg.method} on {worker}", file=sys.stdout)
+
+        pool = WorkerPool(self.packing, on_start=started)
+        try:
+            pool.run(plan, counted, data_dir=_absolute(data_dir), checkpoint_dir=_absolute(checkpoint_dir))
+        finally:
+            pool.close()
+            bar.close()
+
+
+EXECUTORS = ["auto", "local", "dask"]
+
+
+def make_executor(
+    name: str,
+    scheduler: str | None = None,
+    workers: int | None = None,
+    threads_per_run: int | None = None,
+    runs_per_gpu: int | str = "auto",
+):
     """The executor called ``name``; raises ``bench.errors.UsageError`` on a bad combination."""
+    if name == "auto":
+        return AutoExecutor(threads_per_run=threads_per_run, workers=workers, runs_per_gpu=runs_per_gpu)
     if name == "local":
-        return LocalExecutor()
+        return LocalExecutor(threads=threads_per_run)
     if name == "dask":
-        return DaskExecutor(scheduler=scheduler, workers=workers)
-    raise UsageError(f"unknown executor {name!r}; allowed: local, dask")
+        return DaskExecutor(scheduler=scheduler, workers=workers, threads=threads_per_run)
+    raise UsageError(f"unknown executor {name!r}; allowed: {', '.join(EXECUTORS)}")

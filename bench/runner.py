@@ -221,7 +221,17 @@ MEASURED_COLUMNS = [
     "resumed_from_epoch",
 ]
 #: where and with what the run ran (added by the executors and the sweep driver)
-PROVENANCE_COLUMNS = ["executor", "worker", "host", "device_name", "torch_version", "git_commit"]
+PROVENANCE_COLUMNS = [
+    "executor",
+    "worker",
+    "host",
+    "device_name",
+    "torch_version",
+    "git_commit",
+    "packing",  # how the run was packed: "cpu 2x1" = 2 concurrent runs x 1 torch thread (bench.packing)
+    "threads",  # torch threads of the run's process
+    "timing_exclusive",  # True: the throughput columns were measured holding the machine's timing gate
+]
 #: every column of runs.csv; the test confusion matrix (JSON) comes last, being the widest
 RUN_COLUMNS = [
     "run_id",
@@ -1079,7 +1089,9 @@ class Checkpoint:
 # One run
 
 
-def run_one(cfg: RunConfig, data_dir=None, checkpoint_dir=None, progress=None) -> tuple[dict, list[dict]]:
+def run_one(
+    cfg: RunConfig, data_dir=None, checkpoint_dir=None, progress=None, timing_lock=None
+) -> tuple[dict, list[dict]]:
     """Train and evaluate one configuration.
 
     Returns ``(row, history)``; ``row["status"]`` is ``ok``, ``diverged`` (non-finite loss
@@ -1095,9 +1107,13 @@ def run_one(cfg: RunConfig, data_dir=None, checkpoint_dir=None, progress=None) -
     The configuration columns ``val_size``, ``log_every`` and ``eval_every`` of the row hold
     the values the run used (the task's and automatic ones resolved), as ``seq_len`` does;
     ``run_id`` is the configuration's as given.
+    ``timing_lock``: optional context-manager factory held around the throughput
+    measurement (:meth:`bench.gate.TimingGate.exclusive`: no neighbour computes meanwhile);
+    ``timing_exclusive`` in the row says whether one was held.
     """
     t_start = time.perf_counter()
     row = {**asdict(cfg), "run_id": cfg.run_id, "status": "ok", "error": "", "diverged_epoch": None}
+    row["threads"] = torch.get_num_threads()
     tr = None
     try:
         task = get_task(cfg, data_dir)
@@ -1122,7 +1138,9 @@ def run_one(cfg: RunConfig, data_dir=None, checkpoint_dir=None, progress=None) -
                 ckpt.save(tr)
         row.update(final_metrics(tr))
         row["peak_mem_mb"] = measure.peak_memory_mb(cfg.device)
-        row.update(measure_throughput(cfg, task))
+        with timing_lock() if timing_lock is not None else contextlib.nullcontext():
+            row.update(measure_throughput(cfg, task))
+        row["timing_exclusive"] = timing_lock is not None
         if ckpt is not None:
             ckpt.remove()
     except Diverged as d:

@@ -59,8 +59,10 @@ def mnist_dir() -> str:
     return str(d)
 
 
-@pytest.fixture(scope="session", autouse=True)
+@pytest.fixture(autouse=True)
 def _torch_threads():
+    """Every test starts with the suite's torch thread count, whatever an earlier test (or code
+    under test, e.g. an executor applying --threads-per-run) set in this process."""
     import torch
 
     threads = os.environ["OMP_NUM_THREADS"]

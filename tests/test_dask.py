@@ -248,3 +248,38 @@ def test_usage_errors_of_dask_executor(tmp_path, capsys, monkeypatch):
         err = capsys.readouterr().err.strip().splitlines()
         assert rc == ablate.EXIT_BAD_INPUT and len(err) == 1 and "exactly one of --scheduler" in err[0]
     assert not out.exists()
+
+
+@pytest.mark.slow(reason="starts a 1-worker LocalCluster and uses the 2-worker one: 5-15 s")
+def test_worker_settings_that_slow_training(cluster, monkeypatch):
+    """The LocalCluster of --workers N starts its workers without the nanny's
+    MALLOC_TRIM_THRESHOLD_=65536 and without the statistical profiler (docs/perf.md: both slow
+    training), and leaves the driver's environment as it was; a cluster with Dask's defaults
+    (the ``cluster`` fixture) gets a warning in the plan."""
+    from bench.executors import _profiler_on, _worker_env
+
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
+    before = dict(os.environ)
+    ex = DaskExecutor(workers=1, threads=2)
+    try:
+        assert list(ex.client.run(_worker_env, "MALLOC_TRIM_THRESHOLD_").values()) == [None]
+        assert list(ex.client.run(_worker_env, "OMP_NUM_THREADS").values()) == ["2"]
+        assert list(ex.client.run(_profiler_on).values()) == [False]
+        lines = ex.plan([], None)
+        assert lines == [
+            "dask: one task per run on a LocalCluster started here, 1 workers at the start, "
+            "2 torch threads per run"
+        ]
+    finally:
+        ex.close()
+    assert dict(os.environ) == before
+
+    assert set(cluster.run(_worker_env, "MALLOC_TRIM_THRESHOLD_").values()) == {"65536"}  # Dask's default
+    ex = DaskExecutor(scheduler=cluster.scheduler.address)
+    try:
+        warning = ex.plan([], None)[1]
+    finally:
+        ex.close()
+    assert warning.startswith(
+        "dask: warning: 2 worker(s) have MALLOC_TRIM_THRESHOLD_ set or the statistical profiler on"
+    )

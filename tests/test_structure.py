@@ -80,7 +80,20 @@ def test_bench_import_graph_has_no_cycle():
 
 def test_dependencies_point_one_way():
     graph = bench_imports()
-    assert graph["bench.executors"] <= {"bench.runner", "bench.errors", "bench.provenance"}
+    assert graph["bench.executors"] <= {
+        "bench.runner",
+        "bench.errors",
+        "bench.provenance",
+        "bench.gate",
+        "bench.packing",
+        "bench.pool",
+    }
+    assert graph["bench.gate"] == set()  # the timing gate: usable by any process, imports nothing
+    assert graph["bench.packing"] <= {"bench.runner"} and graph["bench.pool"] <= {
+        "bench.runner",
+        "bench.gate",
+        "bench.provenance",
+    }
     assert graph["bench.errors"] == set()
     assert graph["bench.provenance"] <= {"bench.measure"}
     # the paired timer is reusable by the trainer: it must not import the trainer or the CLI

@@ -12,7 +12,7 @@ from bench import ablate, plot
 from bench.executors import LocalExecutor
 from bench.runner import RunConfig
 
-DIGITS = ["--task", "digits", "--profile", "smoke", "--no-progress"]
+DIGITS = ["--task", "digits", "--profile", "smoke", "--no-progress", "--executor", "local"]
 TINY = [*DIGITS, "--no-plots", "--epochs", "1", "--train-subset", "256", "--hidden", "8"]
 
 

@@ -1,0 +1,173 @@
+"""The machine's timing gate (issue 15 item 2): no neighbour computes while a run times its
+steps.  Threads stand in for processes (``flock`` locks belong to the open file, so two
+handles in one process exclude each other as two processes do); every ordering is forced
+with events, and the only waits are for a state the test has made inevitable (bounded, as
+a guard against a hang, never as a timing assumption)."""
+
+import fcntl
+import os
+import threading
+
+import pytest
+
+from bench.gate import TimingGate, gate_dir, machine_gate
+
+GUARD_S = 60  # a wait that ends this late means the gate is broken (deadlock or starvation)
+
+
+def _held(path) -> bool:
+    """Whether someone holds ``path`` exclusively (a non-blocking probe from a fresh open file)."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def _until(cond, what):
+    ev = threading.Event()
+    for _ in range(GUARD_S * 100):
+        if cond():
+            return
+        ev.wait(0.01)
+    pytest.fail(f"never: {what}")
+
+
+class Neighbour(threading.Thread):
+    """A run that does steps: each step waits for the test's ``go[i]`` while holding the gate
+    shared, and sets ``started[i]`` when it begins."""
+
+    def __init__(self, folder, steps=3):
+        super().__init__(daemon=True)
+        self.gate = TimingGate(folder)
+        self.started = [threading.Event() for _ in range(steps)]
+        self.go = [threading.Event() for _ in range(steps)]
+        self.steps = steps
+
+    def run(self):
+        self.gate.enter()
+        for i in range(self.steps):
+            if i:
+                self.gate.boundary()
+            self.started[i].set()
+            assert self.go[i].wait(GUARD_S)
+        self.gate.leave()
+
+
+class Measurer(threading.Thread):
+    def __init__(self, folder):
+        super().__init__(daemon=True)
+        self.gate = TimingGate(folder)
+        self.inside, self.release = threading.Event(), threading.Event()
+
+    def run(self):
+        with self.gate.exclusive():
+            self.inside.set()
+            assert self.release.wait(GUARD_S)
+
+
+def test_a_measurement_waits_for_the_steps_in_flight_and_holds_back_the_next(tmp_path):
+    a, b = Neighbour(tmp_path), Neighbour(tmp_path)
+    a.start(), b.start()
+    assert a.started[0].wait(GUARD_S) and b.started[0].wait(GUARD_S)  # both in step 0: overlapping steps
+    m = Measurer(tmp_path)
+    m.start()
+    _until(lambda: _held(tmp_path / "timing.turnstile"), "the measurement closes the turnstile")
+    a.go[0].set()  # a ends step 0: it must now wait at its boundary, b still computes
+    assert not m.inside.is_set()  # b holds the gate shared: the measurement cannot have begun
+    b.go[0].set()  # without the turnstile, a would be in step 1 by now and b could follow: starvation
+    assert m.inside.wait(GUARD_S), "the measurement never began (starved by its neighbours)"
+    assert not a.started[1].is_set() and not b.started[1].is_set()  # nobody computes inside
+    m.release.set()
+    assert a.started[1].wait(GUARD_S) and b.started[1].wait(GUARD_S)  # both go on afterwards
+    for n in (a, b):
+        for ev in n.go[1:]:
+            ev.set()
+        n.join(GUARD_S)
+    m.join(GUARD_S)
+    assert not (a.is_alive() or b.is_alive() or m.is_alive())
+
+
+def test_two_measurements_exclude_each_other_and_a_working_handle_can_measure(tmp_path):
+    first, second = Measurer(tmp_path), Measurer(tmp_path)
+    first.start()
+    assert first.inside.wait(GUARD_S)
+    second.start()
+    # a negative check: with a working gate it passes whatever the machine's speed (a broken one
+    # would let the second in at once, and is caught unless its thread is slower than this)
+    assert not second.inside.wait(0.3)
+    first.release.set()
+    assert second.inside.wait(GUARD_S)
+    second.release.set()
+    first.join(GUARD_S), second.join(GUARD_S)
+
+    g = TimingGate(tmp_path)
+    g.enter()
+    with g.exclusive():  # a run measuring between its own steps lets go of its shared hold first
+        assert g.state == "measuring"
+        assert _held(tmp_path / "timing.work")
+    assert g.state == "working"
+    g.leave()
+    assert not _held(tmp_path / "timing.work") and g.state == "idle"
+    with pytest.raises(RuntimeError, match="boundary"):
+        g.boundary()  # a step boundary outside a run is a bug of the caller
+    g.close()
+
+
+def test_a_killed_holder_releases_the_gate(tmp_path):
+    """The kernel drops flock locks when their process dies, even by SIGKILL."""
+    import signal
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from bench.gate import TimingGate; g = TimingGate(sys.argv[1]); "
+        "cm = g.exclusive(); cm.__enter__(); print('in', flush=True); sys.stdin.read()"
+    )
+    p = subprocess.Popen(
+        [sys.executable, "-c", code, str(tmp_path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert p.stdout.readline().strip() == "in"
+        assert _held(tmp_path / "timing.work")
+    finally:
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+    g = TimingGate(tmp_path)
+    with g.exclusive():
+        pass
+    g.close()
+
+
+def test_the_trace_orders_events_as_the_locks_were_held(tmp_path):
+    trace = tmp_path / "trace"
+    a = TimingGate(tmp_path, trace=trace)
+    m = TimingGate(tmp_path, trace=trace)
+    a.enter()
+    a.boundary()
+    a.leave()
+    with m.exclusive():
+        pass
+    pid = os.getpid()
+    assert trace.read_text().splitlines() == [
+        f"{pid} enter",
+        f"{pid} boundary",
+        f"{pid} enter",
+        f"{pid} leave",
+        f"{pid} exclusive",
+        f"{pid} release",
+    ]
+
+
+def test_gate_folder_is_private_and_configurable(tmp_path, monkeypatch):
+    monkeypatch.setenv("CDBENCH_LOCK_DIR", str(tmp_path / "locks"))
+    assert gate_dir() == tmp_path / "locks"
+    g = machine_gate()
+    assert g is not None and (tmp_path / "locks" / "timing.work").is_file()
+    assert (tmp_path / "locks").stat().st_mode & 0o777 == 0o700
+    g.close()
+    monkeypatch.delenv("CDBENCH_LOCK_DIR")
+    assert gate_dir().name == f"cdbench-{os.getuid()}"
