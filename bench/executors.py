@@ -37,7 +37,7 @@ import uuid
 from pathlib import Path
 
 from .errors import UsageError
-from .gate import machine_gate
+from .gate import machine_gate, sync_devices
 from .packing import plan_packing, probe_cuda_memory_in_child, this_machine
 from .pool import WorkerPool
 from .provenance import device_name
@@ -148,9 +148,10 @@ class LocalExecutor:
                     )
 
             def step(done, total, epoch, tick=tick):
-                gate.boundary()
+                held = gate.boundary(sync_devices)
                 if progress:
                     tick(done, total, epoch)
+                return held
 
             if progress and not bars:
                 print(f"bench: {what} started", file=stream, flush=True)
@@ -230,7 +231,7 @@ def run_on_worker(
             cfg,
             data_dir=data_dir,
             checkpoint_dir=checkpoint_dir,
-            progress=(lambda done, total, epoch: gate.boundary()) if gate is not None else None,
+            progress=(lambda done, total, epoch: gate.boundary(sync_devices)) if gate is not None else None,
             timing_lock=gate.exclusive if gate is not None else None,
         )
     finally:

@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+import time
 from pathlib import Path
 
 try:
@@ -40,7 +41,21 @@ try:
 except ImportError:  # pragma: no cover - Windows
     fcntl = None
 
-__all__ = ["TimingGate", "gate_dir", "machine_gate"]
+__all__ = ["TimingGate", "gate_dir", "machine_gate", "sync_devices"]
+
+
+def sync_devices() -> None:
+    """Wait for every kernel this process has queued on a CUDA device (nothing on CPU).
+
+    Passed as ``before_wait`` to :meth:`TimingGate.boundary`, so that a run's queued
+    kernels finish before a neighbour's measurement begins, and the wait that follows is
+    idle time, not hidden computation.
+    """
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i in range(torch.cuda.device_count()):
+            torch.cuda.synchronize(i)
 
 
 def gate_dir() -> Path:
@@ -107,14 +122,42 @@ class TimingGate:
             fcntl.flock(self._work, fcntl.LOCK_UN)
             self.state = "idle"
 
-    def boundary(self) -> None:
-        """A step boundary: let a waiting measurement in, then go on computing."""
+    def boundary(self, before_wait=None) -> float:
+        """A step boundary: let a waiting measurement in, then go on computing.
+
+        When no measurement is waiting (the turnstile is free) the handle keeps ``work``
+        and returns at once.  Otherwise it calls ``before_wait()`` (e.g. a device
+        synchronisation, so that no queued kernel of this run runs inside the
+        measurement), lets go of ``work`` and waits for the measurement to end.
+
+        Parameters
+        ----------
+        before_wait : callable, optional
+            Called with no argument just before letting go, only when a measurement waits.
+
+        Returns
+        -------
+        float
+            Seconds spent waiting for a measurement (0.0 when none waited); callers leave
+            them out of their training time.
+        """
         if self.state != "working":
             raise RuntimeError(f"boundary() in state {self.state}")
-        self._log("boundary")
+        self._log("boundary")  # holding work shared: no measurement is inside
+        try:
+            fcntl.flock(self._turnstile, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pass  # a measurement waits (or a neighbour passes the turnstile): let go
+        else:
+            fcntl.flock(self._turnstile, fcntl.LOCK_UN)
+            return 0.0
+        if before_wait is not None:
+            before_wait()
+        t0 = time.perf_counter()
         fcntl.flock(self._work, fcntl.LOCK_UN)
         self.state = "idle"
         self.enter()
+        return time.perf_counter() - t0
 
     @contextlib.contextmanager
     def exclusive(self):

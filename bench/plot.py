@@ -433,9 +433,9 @@ def _whole_run(runs: pd.DataFrame) -> bool:
 
 
 def plot_throughput(runs: pd.DataFrame, st: pd.DataFrame, folder: Path) -> list[str]:
-    """Training throughput relative to the unconstrained baseline per configuration: mean of the
-    per-seed ratios with its 95% CI, and ``step_vs_baseline`` (paired steady-state ratio) beside
-    it when recorded."""
+    """Training throughput relative to the unconstrained baseline per configuration: geometric
+    mean of the per-seed ratios with its 95% interval (log scale), and ``step_vs_baseline``
+    (paired steady-state ratio) beside it when recorded."""
     ratio = _estimates(st, "ratio", "train_samples_per_s")
     if ratio.empty:
         return []
@@ -521,11 +521,15 @@ def _num(v, quantity: str, metric) -> str:
 
 
 def _est_cell(e, quantity: str, metric) -> str:
-    """``mean ± half-width (n=k)``; ``value (n=1, no interval)``."""
+    """``mean ± half-width (n=k)``; ``value (n=1, no interval)``; a ratio (geometric mean,
+    interval from the log scale, not symmetric): ``mean [low, high] (n=k)``."""
     if e is None:
         return "–"
     if e["n"] < 2:
         return f"{_num(e['mean'], quantity, metric)} (n=1, no interval)"
+    if quantity == "ratio":
+        lo, hi = (_num(e[k], quantity, metric) for k in ("ci_low", "ci_high"))
+        return f"{_num(e['mean'], quantity, metric)} [{lo}, {hi}] (n={int(e['n'])})"
     half = (e["ci_high"] - e["ci_low"]) / 2
     return f"{_num(e['mean'], quantity, metric)} ± {_num(half, quantity, metric)} (n={int(e['n'])})"
 
@@ -705,7 +709,8 @@ def write_summary(runs: pd.DataFrame, st: pd.DataFrame, folder: Path, images: li
             lines += [
                 "`train samples/s`: the whole run's training throughput (samples trained / training seconds, "
                 "evaluation excluded), mean ± 95% CI half-width over seeds, and its range. `vs` column: "
-                "mean of the per-seed ratios to the baseline run of the same seed and shape (> 1: faster). "
+                "geometric mean of the per-seed ratios to the baseline run of the same seed and shape "
+                "(> 1: faster) with its 95% interval, computed on the log scale. "
                 "`step_vs_baseline`: steady-state steps timed interleaved with the baseline's.",
                 "",
             ]

@@ -286,7 +286,7 @@ def worker_main(fd: int, parent: int, threads: int) -> None:
 
     torch.set_num_threads(threads)  # before any computation: no parallel region has run yet
 
-    from .gate import machine_gate
+    from .gate import machine_gate, sync_devices
     from .provenance import device_name
     from .runner import run_one
 
@@ -297,7 +297,8 @@ def worker_main(fd: int, parent: int, threads: int) -> None:
         if os.getppid() != parent:
             os._exit(1)
         if gate is not None:
-            gate.boundary()
+            return gate.boundary(sync_devices)
+        return 0.0
 
     conn.send(("ready", {"pid": os.getpid(), "threads": torch.get_num_threads()}))
     while True:

@@ -889,7 +889,8 @@ def train_epoch(tr: Training, progress=None) -> dict:
             sync()
             paused += time.perf_counter() - t1
         if progress is not None:
-            progress(i + 1, tr.steps_per_epoch, epoch)
+            # a packed run may wait here while a neighbour times its steps: not training time
+            paused += progress(i + 1, tr.steps_per_epoch, epoch) or 0.0
     sync()
     epoch_s = time.perf_counter() - t0 - paused
     tr.elapsed += epoch_s
@@ -1100,7 +1101,9 @@ def run_one(
     and other ``BaseException``\\ s pass through).  Every key of ``row`` is in
     :data:`RUN_COLUMNS`, every key of a history row in :data:`HISTORY_COLUMNS`.
 
-    ``progress``: optional callable ``progress(done_batches, total_batches, epoch)``.
+    ``progress``: optional callable ``progress(done_batches, total_batches, epoch)``, called
+    after every optimiser step; it may return the seconds it was held (e.g. at the timing
+    gate while a neighbour measures), which are left out of the training time.
     ``checkpoint_dir``: when given, the state after each epoch is saved there and an
     interrupted run continues from its last checkpoint (see :class:`Checkpoint`).
 

@@ -393,11 +393,14 @@ def ratio_table(
     quantity: str = "train_samples_per_s",
     confidence: float = 0.95,
 ) -> pd.DataFrame:
-    """Per-seed ratio ``method / baseline`` of a throughput, mean and Student-t interval.
+    """Per-seed ratio ``method / baseline`` of a throughput: geometric mean and interval.
 
     Pairs come from :func:`pair_runs` (same seed and shared configuration; the pairing only
     makes the two runs comparable in shape, a throughput does not depend on the seed).  The
-    baseline's own row has ratio 1 and is included.
+    baseline's own row has ratio 1 and is included.  A ratio is averaged on the log scale:
+    ``mean = exp(mean(log r))`` and the interval is :func:`mean_ci`'s Student-t interval of
+    ``log r`` mapped back by ``exp``, so it is positive and symmetric in method and baseline
+    (an arithmetic interval of three noisy ratios reached below 0).
 
     Parameters
     ----------
@@ -413,8 +416,9 @@ def ratio_table(
     Returns
     -------
     DataFrame
-        ``kind`` ("ratio"), ``quantity``, ``baseline``, configuration columns, ``n``, ``mean``,
-        ``std``, ``ci_low``, ``ci_high``, ``note``, ``min``, ``max`` of the per-seed ratios.
+        ``kind`` ("ratio"), ``quantity``, ``baseline``, configuration columns, ``n``, ``mean``
+        (geometric), ``std`` (of ``log r``), ``ci_low``, ``ci_high``, ``note``, ``min``, ``max``
+        of the per-seed ratios.
         Empty when the baseline or the column is absent.
     """
     baseline = baseline or default_baseline(runs)
@@ -428,8 +432,11 @@ def ratio_table(
     pairs = pairs.assign(_ratio=pairs[quantity] / pairs[f"{quantity}_base"])
     rows = []
     for key, g in _groups(pairs, config_columns(runs)):
-        est = mean_ci(g["_ratio"], confidence)
+        r = pd.to_numeric(g["_ratio"], errors="coerce")
+        est = mean_ci(np.log(r[r > 0]), confidence)
         if est["n"]:
+            for k in ("mean", "ci_low", "ci_high"):
+                est[k] = math.exp(est[k]) if math.isfinite(est[k]) else est[k]
             rows.append(
                 {
                     "kind": "ratio",

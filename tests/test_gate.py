@@ -147,7 +147,7 @@ def test_the_trace_orders_events_as_the_locks_were_held(tmp_path):
     a = TimingGate(tmp_path, trace=trace)
     m = TimingGate(tmp_path, trace=trace)
     a.enter()
-    a.boundary()
+    assert a.boundary() == 0.0  # nobody waits: a keeps its hold (no second "enter")
     a.leave()
     with m.exclusive():
         pass
@@ -155,11 +155,33 @@ def test_the_trace_orders_events_as_the_locks_were_held(tmp_path):
     assert trace.read_text().splitlines() == [
         f"{pid} enter",
         f"{pid} boundary",
-        f"{pid} enter",
         f"{pid} leave",
         f"{pid} exclusive",
         f"{pid} release",
     ]
+
+
+def test_boundary_reports_its_wait_and_syncs_only_when_a_measurement_waits(tmp_path):
+    """The seconds held at a boundary are what a packed run leaves out of its training time;
+    ``before_wait`` (the device synchronisation) runs only when it must let go."""
+    calls = []
+    a = TimingGate(tmp_path)
+    a.enter()
+    assert a.boundary(lambda: calls.append("sync")) == 0.0 and calls == [] and a.state == "working"
+    m = Measurer(tmp_path)
+    m.start()
+    _until(lambda: _held(tmp_path / "timing.turnstile"), "the measurement closes the turnstile")
+    held = []
+    t = threading.Thread(target=lambda: held.append(a.boundary(lambda: calls.append("sync"))), daemon=True)
+    t.start()
+    assert m.inside.wait(GUARD_S)  # a let go at its boundary
+    assert calls == ["sync"] and not held  # and waits while the measurement runs
+    m.release.set()
+    t.join(GUARD_S)
+    assert len(held) == 1 and held[0] > 0.0 and a.state == "working"
+    m.join(GUARD_S)
+    a.leave()
+    a.close()
 
 
 def test_gate_folder_is_private_and_configurable(tmp_path, monkeypatch):

@@ -1,5 +1,6 @@
 """bench.stats on synthetic runs.csv / history.csv rows with known answers."""
 
+import math
 from dataclasses import fields
 
 import numpy as np
@@ -204,12 +205,25 @@ def test_ratio_table_is_the_per_seed_ratio():
     rows += [run("cd", s, 0.5, penalty=0.5, train_samples_per_s=v) for s, v in enumerate([50.0, 200.0])]
     t = stats.ratio_table(frame(rows))
     cd = only(t, method="cd")
+    # geometric mean of 0.5 and 1.0; the t interval of log r (t_{0.975,1} = 12.706) mapped back
+    half = 12.706204736 * (math.log(2) / math.sqrt(2)) / math.sqrt(2)
     assert (
-        cd["mean"] == pytest.approx(0.75)
+        cd["mean"] == pytest.approx(math.sqrt(0.5))
+        and cd["ci_low"] == pytest.approx(math.sqrt(0.5) * math.exp(-half))
+        and cd["ci_high"] == pytest.approx(math.sqrt(0.5) * math.exp(half))
         and cd["min"] == pytest.approx(0.5)
         and cd["max"] == pytest.approx(1.0)
     )
     assert only(t, method="lstm")["mean"] == pytest.approx(1.0)
+
+
+def test_ratio_interval_stays_positive_and_symmetric_in_the_baseline():
+    ratios = [1 / 3, 1.0, 3.0]  # noisy whole-run ratios of packed runs: an arithmetic interval crosses 0
+    rows = [run("lstm", s, 0.5, train_samples_per_s=100.0) for s in range(3)]
+    rows += [run("cd", s, 0.5, penalty=0.5, train_samples_per_s=100.0 * r) for s, r in enumerate(ratios)]
+    cd = only(stats.ratio_table(frame(rows)), method="cd")
+    assert cd["ci_low"] > 0 and cd["mean"] == pytest.approx(1.0)
+    assert cd["ci_low"] * cd["ci_high"] == pytest.approx(1.0)  # r and 1/r give mirrored intervals
 
 
 def test_every_runconfig_field_is_a_config_column():

@@ -527,3 +527,43 @@ def test_run_ids_of_existing_folders_stay_valid():
             continue
         ids.add(dataclasses.replace(old, **{name: value}).run_id)
     assert len(ids) == 1 + len([n for n in RunConfig.ADDED_FIELDS if n in changed])
+
+
+class _HeldClock:
+    """``time`` for bench.runner whose perf_counter jumps by ``jump`` s at every progress call."""
+
+    def __init__(self, jump):
+        import time as real
+
+        self._real, self.jump, self.offset = real, jump, 0.0
+
+    def perf_counter(self):
+        return self._real.perf_counter() + self.offset
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+
+@pytest.mark.parametrize("reports", [True, False])
+def test_time_held_at_the_gate_is_not_training_time(monkeypatch, reports):
+    """A packed run waits at its step boundary while a neighbour times its steps: the progress
+    callback returns those seconds and the trainer leaves them out (a fake clock makes each
+    wait 1,000 s; the control callback does not report them, and they count)."""
+    clock = _HeldClock(1000.0)
+    monkeypatch.setattr(runner, "time", clock)
+
+    calls = []
+
+    def progress(done, total, epoch):
+        calls.append(done)
+        clock.offset += clock.jump
+        return clock.jump if reports else None
+
+    row, history = run_one(cfg_of("unconstrained", epochs=1), progress=progress)
+    assert row["status"] == "ok"
+    assert len(calls) > 1
+    if reports:
+        assert row["train_s"] < 1000.0 and row["train_samples_per_s"] > 1.0
+        assert all(h["train_wall_s"] < 1000.0 for h in history if h.get("train_wall_s") is not None)
+    else:
+        assert row["train_s"] >= 1000.0 * len(calls)
