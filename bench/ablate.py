@@ -622,14 +622,15 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def dry_run(plan, notices, out: Path, data_dir, force: bool) -> int:
-    """Print the plan, the runs already ok in ``out`` and an estimate of the time of the
-    others; write nothing (``out`` is only read)."""
+def dry_run(plan, notices, out: Path, data_dir, force: bool, executor=None) -> int:
+    """Print the plan (with ``executor``'s packing when given), the runs already ok in ``out``
+    and an estimate of the time of the others; write nothing (``out`` is only read)."""
     from .store import read_rows
 
     rows = read_rows(out / "runs.csv")
     done = set() if force else {r.get("run_id") for r in rows if r.get("status") == "ok"}
-    todo = _print_plan(plan, done, notices, out)
+    packing = executor.plan([c for c in plan if c.run_id not in done], data_dir) if executor else ()
+    todo = _print_plan(plan, done, notices, out, packing)
     est = estimate(todo, rows, data_dir)
     by, per_method = {"recorded": 0, "measured": 0}, {}
     for c, seconds, source in est:
@@ -639,7 +640,7 @@ def dry_run(plan, notices, out: Path, data_dir, force: bool) -> int:
         print(f"  estimate {method:<16} {len(secs)} runs, {_duration(sum(secs))} ({source})")
     total = sum(s for _, s, _ in est)
     print(
-        f"estimated time for the {len(todo)} runs to do: about {_duration(total)} in one process "
+        f"estimated time for the {len(todo)} runs to do: about {_duration(total)} one at a time in one process "
         f"({by['recorded']} from the throughput recorded in {out}, {by['measured']} from one measured step "
         f"each; rough: evaluation included from sizes, not measured)"
     )
@@ -714,7 +715,19 @@ def main(argv=None) -> int:
         tasks = sorted({c.task for c in plan})
         out = Path(args.out or Path("results") / f"{'+'.join(tasks)}-{profile}")
         if args.dry_run:
-            return dry_run(plan, notices, out, data_dir, args.force)
+            if args.executor == "dask":  # sized by the cluster when the sweep starts: start none here
+                print("note: executor dask: the plan of the workers is printed when the sweep starts")
+                return dry_run(plan, notices, out, data_dir, args.force)
+            planner = make_executor(
+                args.executor,
+                workers=args.workers,
+                threads_per_run=args.threads_per_run,
+                runs_per_gpu=args.runs_per_gpu,
+            )
+            try:
+                return dry_run(plan, notices, out, data_dir, args.force, planner)
+            finally:
+                planner.close()
         executor = make_executor(
             args.executor,
             scheduler=args.scheduler,

@@ -162,6 +162,7 @@ def test_dry_run_prints_the_plan_and_an_estimate_and_writes_nothing(tmp_path, ca
     assert not out.exists()
     assert "plan: 2 runs" in text and "0 already ok" in text and "dry run: nothing written" in text
     assert "2 from one measured step each" in text and "estimated time for the 2 runs to do" in text
+    assert "executor " in text  # how the runs would be packed, as a real sweep prints it
     # after a real sweep: the ok runs are counted, new seeds estimated from the recorded throughput
     assert sweep(*TINY, "--methods", "lstm", "cd", "--out", out) == 0
     before = tree(out)
