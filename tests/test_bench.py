@@ -395,6 +395,20 @@ def test_second_sweep_on_a_busy_folder_refuses(tmp_path, capsys):
     assert (out / "runs.csv").read_bytes() == before
 
 
+def test_unwritable_out_folder_is_one_line_and_status_2(tmp_path, capsys):
+    """An --out that cannot be a folder (a file in the way, or below a file: the same OSError path
+    as a read-only folder, which root could write anyway) exits 2 with one line, no traceback."""
+    blocker = tmp_path / "afile"
+    blocker.write_text("keep me\n")
+    for out in (blocker, blocker / "sub"):
+        capsys.readouterr()
+        assert sweep(*TINY, "--methods", "unconstrained", "--out", out) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"bench.ablate: error: --out {out}: cannot create or write")
+        assert err.count("\n") == 1
+    assert blocker.read_text() == "keep me\n"
+
+
 def test_two_concurrent_sweeps_one_folder(tmp_path, monkeypatch, capsys):
     """Sweep A is held inside its first run (a hook, not a race) while sweep B starts on the
     same folder: B refuses with exit 2, then A finishes with its files intact."""
