@@ -653,6 +653,9 @@ def _sweep(
 ) -> tuple[dict, int]:
     """Run the planned runs not yet ``ok`` in ``store``; returns ({run_id: status}, runs skipped)."""
     done = store.prepare({c.run_id for c in plan}, force=args.force)
+    if args.force:  # rerun from scratch: a checkpoint left by an earlier interrupted run is not resumed
+        for c in plan:
+            (out / "checkpoints" / f"{c.run_id}.pt").unlink(missing_ok=True)
     packing = executor.plan([c for c in plan if c.run_id not in done], data_dir)
     todo = _print_plan(plan, done, notices, out, packing)
     env = environment(sorted({c.device for c in plan}))

@@ -11,6 +11,7 @@ whole-run throughput existed still draw: what their CSVs cannot give is left out
 
 from __future__ import annotations
 
+import io
 import json
 import sys
 from pathlib import Path
@@ -45,9 +46,19 @@ def _save(fig, path: Path, dpi: int = 110) -> None:
     plt.close(fig)
 
 
+def _read_complete(path: Path) -> pd.DataFrame:
+    """The complete rows of a result CSV: a torn last line (a sweep killed inside a write, or one
+    still writing) is dropped, as the store does (``bench.store.read_rows``), instead of being read
+    as a run with truncated values."""
+    text = path.read_text() if path.is_file() else ""
+    if text and not text.endswith("\n"):
+        text = text[: text.rfind("\n") + 1]
+    return pd.read_csv(io.StringIO(text)) if text.strip() else pd.DataFrame()
+
+
 def _read(folder: Path):
-    runs = pd.read_csv(folder / "runs.csv")
-    hist = pd.read_csv(folder / "history.csv") if (folder / "history.csv").is_file() else pd.DataFrame()
+    runs = _read_complete(folder / "runs.csv")
+    hist = _read_complete(folder / "history.csv")
     if not hist.empty:
         # rows written before step-level logging are epoch rows: the whole file (no kind column)
         # or, in a folder resumed since, the rows whose kind is empty
@@ -782,6 +793,9 @@ def main(argv=None) -> int:
     if len(argv) != 1 or not (Path(argv[0]) / "runs.csv").is_file():
         got = argv[0] if argv else "nothing"
         print(f"bench.plot: error: expected one folder holding runs.csv; got {got!r}", file=sys.stderr)
+        return 2
+    if "run_id" not in _read_complete(Path(argv[0]) / "runs.csv"):
+        print(f"bench.plot: error: {Path(argv[0]) / 'runs.csv'} holds no header row (empty)", file=sys.stderr)
         return 2
     images = make_all(argv[0])
     print(f"wrote stats.csv, {len(images)} plots and summary.md in {argv[0]}")

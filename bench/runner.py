@@ -498,8 +498,8 @@ def make_scheduler(cfg: RunConfig, opt: torch.optim.Optimizer, total_steps: int)
       without restarts).
     * ``onecycle``: ``torch.optim.lr_scheduler.OneCycleLR`` with ``max_lr`` = each group's lr
       and torch's defaults otherwise (warm-up over 30 % of the steps from max_lr / 25, cosine
-      annealing to max_lr / 2.5e5, beta1 cycled between 0.95 and 0.85) (Smith & Topin 2017,
-      arXiv:1708.07120).
+      annealing to max_lr / 2.5e5, Adam's beta1 cycled between 0.95 and 0.85; with RMSprop
+      nothing but the lr is cycled: its momentum stays 0) (Smith & Topin 2017, arXiv:1708.07120).
 
     Raises
     ------
@@ -511,8 +511,14 @@ def make_scheduler(cfg: RunConfig, opt: torch.optim.Optimizer, total_steps: int)
     if cfg.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total_steps)
     if cfg.schedule == "onecycle":
+        # Only Adam's beta1 is cycled: torch's OneCycleLR would otherwise cycle RMSprop's
+        # ``momentum`` (0 by default) to 0.85-0.95, silently turning on heavy-ball momentum,
+        # and it refuses CayleyRMSprop, which has none.
         return torch.optim.lr_scheduler.OneCycleLR(
-            opt, max_lr=[g["lr"] for g in opt.param_groups], total_steps=total_steps
+            opt,
+            max_lr=[g["lr"] for g in opt.param_groups],
+            total_steps=total_steps,
+            cycle_momentum=all("betas" in g for g in opt.param_groups),
         )
     return None
 

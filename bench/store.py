@@ -21,7 +21,7 @@ import io
 import os
 from pathlib import Path
 
-from .errors import FolderBusy
+from .errors import FolderBusy, UsageError
 from .runner import HISTORY_COLUMNS, RUN_COLUMNS, upgrade_row
 
 __all__ = ["HISTORY_COLUMNS", "RUN_COLUMNS", "FolderBusy", "ResultStore", "read_rows"]
@@ -73,14 +73,20 @@ class ResultStore:
     def __enter__(self) -> "ResultStore":
         from filelock import FileLock, Timeout
 
-        self.out.mkdir(parents=True, exist_ok=True)
-        self._lock = FileLock(str(self.out / ".lock"), timeout=0)
         try:
+            self.out.mkdir(parents=True, exist_ok=True)
+            self._lock = FileLock(str(self.out / ".lock"), timeout=0)
             self._lock.acquire()
-        except Timeout:
+        except Timeout:  # before OSError: filelock's Timeout is a TimeoutError
             raise FolderBusy(
                 f"another sweep is writing to {self.out} (lock {self.out / '.lock'}); wait for it to finish "
                 f"or choose another --out"
+            ) from None
+        except OSError as e:  # a file in the way, a read-only or unwritable folder
+            self._lock = None
+            raise UsageError(
+                f"--out {self.out}: cannot create or write to this folder ({e.strerror or e}); "
+                f"choose another --out"
             ) from None
         return self
 

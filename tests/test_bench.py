@@ -395,6 +395,43 @@ def test_second_sweep_on_a_busy_folder_refuses(tmp_path, capsys):
     assert (out / "runs.csv").read_bytes() == before
 
 
+def test_unwritable_out_folder_is_one_line_and_status_2(tmp_path, capsys):
+    """An --out that cannot be a folder (a file in the way, or below a file: the same OSError path
+    as a read-only folder, which root could write anyway) exits 2 with one line, no traceback."""
+    blocker = tmp_path / "afile"
+    blocker.write_text("keep me\n")
+    for out in (blocker, blocker / "sub"):
+        capsys.readouterr()
+        assert sweep(*TINY, "--methods", "unconstrained", "--out", out) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"bench.ablate: error: --out {out}: cannot create or write")
+        assert err.count("\n") == 1
+    assert blocker.read_text() == "keep me\n"
+
+
+def test_force_does_not_resume_a_stale_checkpoint(tmp_path):
+    """A checkpoint left by an interrupted --checkpoints run survives a later run without
+    --checkpoints; --force --checkpoints then starts afresh instead of resuming it."""
+    out = tmp_path / "o"
+    args = [
+        str(a)
+        for a in (*TINY, "--methods", "unconstrained", "--epochs", 2, "--out", out, "--executor", "local")
+    ]
+    assert sweep(*args) == 0
+    (cfg,), _, _ = ablate.make_plan(ablate.build_parser().parse_args(args))
+
+    def stop(done, total, epoch):
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_one(cfg, checkpoint_dir=out / "checkpoints", progress=stop)
+    assert (out / "checkpoints" / f"{cfg.run_id}.pt").is_file()
+    assert sweep(*args, "--force", "--checkpoints") == 0
+    runs = pd.read_csv(out / "runs.csv")
+    assert len(runs) == 1 and runs["resumed_from_epoch"].isna().all()
+
+
 def test_two_concurrent_sweeps_one_folder(tmp_path, monkeypatch, capsys):
     """Sweep A is held inside its first run (a hook, not a race) while sweep B starts on the
     same folder: B refuses with exit 2, then A finishes with its files intact."""

@@ -214,3 +214,28 @@ def test_folder_without_ok_runs_still_writes_a_summary(tmp_path):
     assert summary.count("**failed**") == len(runs) and "0/1" in summary
     runs.iloc[:0].to_csv(folder / "runs.csv", index=False)
     assert plot.make_all(folder) == [] and (folder / "summary.md").is_file()
+
+
+def test_a_torn_last_line_is_dropped_not_read_as_a_run(tmp_path):
+    """A sweep killed inside a write (or still writing) can leave runs.csv / history.csv ending in
+    half a row; pandas alone would read it as a run with truncated values and count it in the
+    statistics.  The plots and summary see the complete rows only, as the store does."""
+    whole = new_style_folder(tmp_path / "intactdir", seeds=(0, 1))
+    torn = tmp_path / "torndir"
+    shutil.copytree(whole, torn)
+    text = (whole / "runs.csv").read_text()
+    (torn / "runs.csv").write_text(text + text.splitlines(keepends=True)[1][:60])  # half a copy of row 1
+    hist = (whole / "history.csv").read_text()
+    (torn / "history.csv").write_text(hist + hist.splitlines(keepends=True)[-1][:-20])
+    plot.make_all(whole)
+    plot.make_all(torn)
+    assert (torn / "stats.csv").read_text() == (whole / "stats.csv").read_text()
+    summary = (whole / "summary.md").read_text()
+    assert (torn / "summary.md").read_text() == summary.replace("intactdir", "torndir")
+
+
+def test_cli_refuses_an_empty_runs_csv(tmp_path, capsys):
+    (tmp_path / "runs.csv").write_text("")
+    assert plot.main([str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("bench.plot: error:") and "runs.csv" in err

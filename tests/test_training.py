@@ -313,6 +313,17 @@ def test_onecycle_peaks_at_each_groups_lr(method):
     assert tr.epoch == cfg.epochs  # stepped exactly total_steps times (OneCycleLR refuses more)
 
 
+@pytest.mark.parametrize("method", ["lstm", "cd", "cayley", "geotorch_cayley"])
+def test_onecycle_with_rmsprop_cycles_the_lr_only(method):
+    """OneCycleLR cycles ``momentum`` when an optimiser has one: torch's RMSprop (momentum 0) became
+    heavy-ball RMSprop with momentum 0.85-0.95, and CayleyRMSprop (none) failed the ``cayley`` run."""
+    cfg = cfg_of(method, schedule="onecycle", optimizer="rmsprop")
+    lrs, tr = _lrs_per_step(cfg)
+    assert tr.epoch == cfg.epochs and lrs[0][0] == pytest.approx(cfg.lr / 25)
+    assert all(g.get("momentum", 0) == 0 for g in tr.optimizer.param_groups)
+    assert all("betas" not in g for g in tr.optimizer.param_groups)
+
+
 @pytest.mark.parametrize("method", ["lstm", "cayley", "geotorch_cayley"])
 def test_clip_bounds_the_gradient_norm_before_every_optimiser_step(method):
     norms = []
