@@ -61,7 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=choice("method", METHODS, ALIASES),
         help="default: all (lstm is an alias of unconstrained)",
     )
-    p.add_argument("--task", nargs="+", type=choice("task", TASKS), help=f"default: {DEFAULT_TASK}")
+    p.add_argument(
+        "--task", nargs="+", type=choice("task", TASKS), help=f"{', '.join(TASKS)}; default: {DEFAULT_TASK}"
+    )
     p.add_argument(
         "--profile",
         type=choice("profile", [*PROFILES, "auto"]),
@@ -77,7 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", nargs="+", type=positive("layers"), help="default: from the profile")
     p.add_argument("--hidden", nargs="+", type=positive("hidden size"), help="default: from the profile")
     p.add_argument(
-        "--device", nargs="+", type=choice("device", ["cpu", "cuda", "auto"]), help="default: auto"
+        "--device",
+        nargs="+",
+        type=choice("device", ["cpu", "cuda", "auto"]),
+        help="cpu, cuda, auto; default: auto",
     )
     p.add_argument("--seeds", nargs="+", type=number("seed", int), help="default: 0")
     p.add_argument("--epochs", nargs="+", type=positive("epochs"), help="default: from the profile")
@@ -166,7 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--schedule",
         nargs="+",
         type=choice("schedule", SCHEDULES),
-        help="learning-rate schedule, stepped per optimiser step on every group; default: constant",
+        help=f"learning-rate schedule ({', '.join(SCHEDULES)}), stepped per optimiser step on every group; "
+        "default: constant",
     )
     p.add_argument(
         "--clip",
@@ -447,12 +453,27 @@ def _with_recipe(plan: list[RunConfig], args) -> list[RunConfig]:
     ]
 
 
+def _check_target(target: float | None, task: str, metric: str) -> None:
+    """Refuse a ``--target`` its task's metric can never reach: accuracy is a fraction in
+    (0, 1], cross-entropy and mean squared error are positive.  Raises UsageError."""
+    if target is None:
+        return
+    if metric == "acc" and not 0 < target <= 1:
+        raise UsageError(
+            f"--target {target:g}: task {task} measures accuracy as a fraction; "
+            f"allowed: 0 < target <= 1 (e.g. 0.98 for 98%)"
+        )
+    if target <= 0:
+        raise UsageError(f"--target {target:g}: task {task} measures {metric}; allowed: target > 0")
+
+
 def _print_plan(plan, done, notices, out, packing=()):
     for n in notices:
         print(f"note: {n}")
     todo = [c for c in plan if c.run_id not in done]
     print(
-        f"plan: {len(plan)} runs into {out} ({len(plan) - len(todo)} already ok, skipped; {len(todo)} to run)"
+        f"plan: {len(plan)} run{'s' * (len(plan) != 1)} into {out} "
+        f"({len(plan) - len(todo)} already ok, skipped; {len(todo)} to run)"
     )
     for line in packing:
         print(f"  {line}")
@@ -640,7 +661,8 @@ def dry_run(plan, notices, out: Path, data_dir, force: bool, executor=None) -> i
         print(f"  estimate {method:<16} {len(secs)} runs, {_duration(sum(secs))} ({source})")
     total = sum(s for _, s, _ in est)
     print(
-        f"estimated time for the {len(todo)} runs to do: about {_duration(total)} one at a time in one process "
+        f"estimated time for the {len(todo)} runs to do: about {_duration(total)} "
+        "one at a time in one process "
         f"({by['recorded']} from the throughput recorded in {out}, {by['measured']} from one measured step "
         f"each; rough: evaluation included from sizes, not measured)"
     )
@@ -714,7 +736,8 @@ def main(argv=None) -> int:
             raise UsageError("the grid is empty: no method applies to the chosen granularity/methods")
         data_dir = args.data_dir or default_data_dir()
         for cfg in {(c.task, c.train_subset, c.test_subset, c.seq_len, c.val_size): c for c in plan}.values():
-            get_task(cfg, data_dir)  # fail now, before anything is written, if data is missing
+            task = get_task(cfg, data_dir)  # fail now, before anything is written, if data is missing
+            _check_target(args.target, cfg.task, task.metric)
         tasks = sorted({c.task for c in plan})
         out = Path(args.out or Path("results") / f"{'+'.join(tasks)}-{profile}")
         if args.dry_run:

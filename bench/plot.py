@@ -546,10 +546,11 @@ def _est_cell(e, quantity: str, metric) -> str:
 
 
 def _config_rows(runs: pd.DataFrame):
-    """(label columns dict, runs) per configuration, in order of appearance."""
+    """(label columns dict, runs) per configuration, sorted by the configuration columns (the
+    order of completion, which packing changes, would reorder the tables from sweep to sweep)."""
     keys = stats.config_columns(runs)
     show = ["method", "penalty_param", *_varying(runs)]
-    for _, g in runs.groupby(keys, dropna=False, sort=False):
+    for _, g in runs.groupby(keys, dropna=False, sort=True):
         r = g.iloc[0]
         yield (
             {c: ("" if pd.isna(r[c]) else r[c]) for c in show if c in r},

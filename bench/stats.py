@@ -298,13 +298,16 @@ def paired_test(diff) -> tuple[str, float, float]:
 def verdict(ci_low: float, ci_high: float, higher: bool | None, baseline: str) -> str:
     """Words for a paired difference (method - baseline) and its interval.
 
-    "no detectable difference" when the interval contains 0; "better than <baseline>" or
+    "identical to <baseline> in every pair" when every difference is 0 (the interval is
+    [0, 0]); "no detectable difference" when the interval contains 0; "better than <baseline>" or
     "worse than <baseline>" when it lies on one side, following ``higher`` (True: higher is
     better; None: direction unknown, then "higher"/"lower than <baseline>"); "no interval" when
     the interval does not exist.
     """
     if not (np.isfinite(ci_low) and np.isfinite(ci_high)):
         return "no interval"
+    if ci_low == 0 == ci_high:
+        return f"identical to {baseline} in every pair"
     if ci_low <= 0 <= ci_high:
         return "no detectable difference"
     up = ci_low > 0

@@ -108,6 +108,15 @@ def test_lower_is_better_negative_difference_is_better():
     assert r["ci_high"] < 0 and r["verdict"] == "better than lstm"
 
 
+def test_identical_pairs_are_called_identical():
+    """cd and cdopt compute the same training: every difference is exactly 0."""
+    rows = [run("cdopt", s, 0.8 + 0.01 * s, penalty=0.5) for s in range(3)]
+    rows += [run("cd", s, 0.8 + 0.01 * s, penalty=0.5) for s in range(3)]
+    r = only(stats.paired_table(frame(rows), "cdopt"), method="cd")
+    assert r["n"] == 3 and r["ci_low"] == 0 == r["ci_high"]
+    assert r["verdict"] == "identical to cdopt in every pair"
+
+
 def test_single_seed_pairs_get_no_interval_and_no_test():
     rows = [run("lstm", 0, 0.8), run("cd", 0, 0.9, penalty=0.5)]
     r = only(stats.paired_table(frame(rows), "lstm"), method="cd")

@@ -118,6 +118,14 @@ BAD = [
     (["--log-every", "0"], "log-every must be a positive integer; got '0'"),
     (["--eval-every", "x"], "eval-every must be a positive integer; got 'x'"),
     (["--target", "nan"], "target must be a finite number; got 'nan'"),
+    (
+        ["--target", "98"],
+        "--target 98: task digits measures accuracy as a fraction; allowed: 0 < target <= 1",
+    ),
+    (
+        ["--target", "-1"],
+        "--target -1: task digits measures accuracy as a fraction; allowed: 0 < target <= 1",
+    ),
 ]
 
 
