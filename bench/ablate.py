@@ -42,9 +42,18 @@ from .runner import AMP_MODES, SCHEDULES, RunConfig, get_task
 from .store import ResultStore
 from .tasks import PROFILES, TASKS, default_data_dir
 
-__all__ = ["EXIT_BAD_INPUT", "EXIT_NOT_ALL_OK", "UsageError", "build_parser", "main", "make_plan"]
+__all__ = [
+    "EXIT_BAD_INPUT",
+    "EXIT_INTERRUPTED",
+    "EXIT_NOT_ALL_OK",
+    "UsageError",
+    "build_parser",
+    "main",
+    "make_plan",
+]
 
 EXIT_BAD_INPUT, EXIT_NOT_ALL_OK = 2, 3
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a process stopped by Ctrl-C
 DEFAULT_TASK = "smnist"
 
 
@@ -770,6 +779,13 @@ def main(argv=None) -> int:
     except (FolderBusy, UsageError) as e:
         print(f"bench.ablate: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print(
+            f"bench.ablate: interrupted; the runs finished so far are in {out}: "
+            "run the same command again to resume",
+            file=sys.stderr,
+        )
+        return EXIT_INTERRUPTED
     finally:
         executor.close()
     if not args.no_plots:

@@ -464,6 +464,34 @@ def test_two_concurrent_sweeps_one_folder(tmp_path, monkeypatch, capsys):
     assert len(runs) == 1 and (runs["status"] == "ok").all() and (runs["seed"] == 0).all()
 
 
+def test_ctrl_c_is_one_line_exit_130_and_the_same_command_resumes(tmp_path, monkeypatch, capsys):
+    """Ctrl-C in the second run (a KeyboardInterrupt from the trainer, as SIGINT raises it):
+    one line on stderr naming the folder, exit 130, the first run kept; the same command then
+    runs only the second."""
+    import bench.executors as ex
+
+    out = tmp_path / "o"
+    args = (*TINY, "--methods", "unconstrained", "--seeds", 0, 1, "--out", out, "--executor", "local")
+    run_one_real, calls = ex.run_one, []
+
+    def interrupted_second(*a, **k):
+        calls.append(a[0].seed)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return run_one_real(*a, **k)
+
+    monkeypatch.setattr(ex, "run_one", interrupted_second)
+    assert sweep(*args) == ablate.EXIT_INTERRUPTED == 130
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "interrupted" in err and str(out) in err and "Traceback" not in err
+    assert len(pd.read_csv(out / "runs.csv")) == 1
+    monkeypatch.setattr(ex, "run_one", run_one_real)
+    assert sweep(*args) == 0
+    assert "(1 already ok, skipped; 1 to run)" in capsys.readouterr().out
+    runs = pd.read_csv(out / "runs.csv")
+    assert sorted(runs["seed"]) == [0, 1] and (runs["status"] == "ok").all()
+
+
 def _cfg(**kw):
     base = dict(
         method="cd",
