@@ -247,14 +247,18 @@ def test_run_ids_of_0_1_0_configurations_are_unchanged():
     assert RunConfig.ADDED_FIELDS >= {"cell", "init", "optimizer", "nonlinearity"}
 
 
-@pytest.mark.parametrize("folder", ["smnist-quick", "smnist-paper"])
-def test_the_committed_0_1_0_folders_resume_without_rerunning_anything(folder, tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    "src",
+    [ROOT / "tests" / "data" / "smnist-quick-0.1.0", ROOT / "results" / "reference" / "smnist-paper"],
+    ids=["smnist-quick", "smnist-paper"],
+)
+def test_the_committed_0_1_0_folders_resume_without_rerunning_anything(src, tmp_path, monkeypatch):
     """Re-planning the command of a results folder written by 0.1.0 (rows saying ``lstm``, no
     ``cell`` column) with ``--val-size 0`` (0.1.0 had no validation split) gives exactly its
     run_ids; the store then counts every run as done and brings the rows up to date (method
     ``unconstrained``, cell ``lstm``), keeping every measured value.  The command as written now
     holds out a validation set: other runs, other run_ids, so nothing is wrongly skipped."""
-    src = ROOT / "results" / "reference" / folder
+    folder = src.name
     command = (src / "command.txt").read_text()
     argv = next(ln.split("bench.ablate", 1)[1].split() for ln in command.splitlines() if "bench.ablate" in ln)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)

@@ -10,7 +10,7 @@ import pytest
 from bench import plot
 
 ROOT = Path(__file__).resolve().parent.parent
-OLD = ROOT / "results" / "reference" / "smnist-quick"
+OLD = ROOT / "tests" / "data" / "smnist-quick-0.1.0"  # results/reference/smnist-quick as 0.1.0 wrote it
 
 
 def new_style_folder(folder: Path, seeds=(0, 1, 2)) -> Path:

@@ -502,7 +502,7 @@ FIELDS_0_1_0 = {
 
 
 def test_run_ids_of_existing_folders_stay_valid():
-    # results/reference/smnist-quick/runs.csv, written at 0.1.0: lstm, seed 0, the quick profile
+    # tests/data/smnist-quick-0.1.0/runs.csv (results/reference/smnist-quick at 0.1.0): lstm, seed 0, quick
     old = RunConfig(
         method="lstm",
         task="smnist",
