@@ -343,6 +343,16 @@ def _build_cd_dissolved(plain: nn.Module, cfg) -> Built:
     )
 
 
+class _Contiguous(nn.Module):
+    """A parametrisation that returns its input as one contiguous tensor (equal values)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous()
+
+    def right_inverse(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
 def _geotorch(triv: str):
     def build(plain: nn.RNNBase, cfg) -> Built:
         import geotorch
@@ -352,6 +362,9 @@ def _geotorch(triv: str):
         with torch.random.fork_rng(devices=[init[names[0]].device] if init[names[0]].is_cuda else []):
             for n in names:
                 geotorch.orthogonal(plain, n, triv=triv)
+                # geotorch returns the first H columns of a gH x gH square: a strided view that
+                # cuDNN cannot flatten (RuntimeError in nn's flatten_parameters on CUDA)
+                parametrize.register_parametrization(plain, n, _Contiguous())
                 setattr(plain, n, init[n])  # same start as every other method
         originals = [plain.parametrizations[n].original for n in names]
 

@@ -185,7 +185,10 @@ def test_cuda_memory_probe_on_a_real_device():
     from bench.packing import probe_cuda_memory_in_child
     from bench.runner import RunConfig
 
-    cfgs = [RunConfig("lstm", task="digits", device="cuda"), RunConfig("cd", task="digits", device="cuda")]
+    cfgs = [
+        RunConfig("lstm", task="digits", device="cuda"),
+        RunConfig("cd", task="digits", device="cuda", penalty_param=0.5),
+    ]
     mems = probe_cuda_memory_in_child(cfgs, None)
     assert len(mems) == torch.cuda.device_count()
     for m in mems:
