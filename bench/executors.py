@@ -37,7 +37,7 @@ import uuid
 from pathlib import Path
 
 from .errors import UsageError
-from .gate import machine_gate, sync_devices
+from .gate import machine_gate, run_gated
 from .packing import plan_packing, probe_cuda_memory_in_child, this_machine
 from .pool import WorkerPool
 from .provenance import device_name
@@ -147,27 +147,16 @@ class LocalExecutor:
                         flush=True,
                     )
 
-            def step(done, total, epoch, tick=tick):
-                held = gate.boundary(sync_devices)
-                if progress:
-                    tick(done, total, epoch)
-                return held
-
             if progress and not bars:
                 print(f"bench: {what} started", file=stream, flush=True)
-            if gate is not None:
-                gate.enter()
-            try:
-                row, history = run_one(
-                    cfg,
-                    data_dir=data_dir,
-                    checkpoint_dir=checkpoint_dir,
-                    progress=step if gate is not None else (tick if progress else None),
-                    timing_lock=gate.exclusive if gate is not None else None,
-                )
-            finally:
-                if gate is not None:
-                    gate.leave()
+            row, history = run_gated(
+                gate,
+                run_one,
+                cfg,
+                on_step=tick if progress else None,
+                data_dir=data_dir,
+                checkpoint_dir=checkpoint_dir,
+            )
             bar.close()
             row.update(
                 executor="local",
@@ -223,20 +212,7 @@ def run_on_worker(
     from dask.distributed import get_worker
 
     torch.set_num_threads(threads)
-    gate = _worker_gate()
-    if gate is not None:
-        gate.enter()
-    try:
-        row, history = run_one(
-            cfg,
-            data_dir=data_dir,
-            checkpoint_dir=checkpoint_dir,
-            progress=(lambda done, total, epoch: gate.boundary(sync_devices)) if gate is not None else None,
-            timing_lock=gate.exclusive if gate is not None else None,
-        )
-    finally:
-        if gate is not None:
-            gate.leave()
+    row, history = run_gated(_worker_gate(), run_one, cfg, data_dir=data_dir, checkpoint_dir=checkpoint_dir)
     row.update(
         packing=packing,
         executor="dask",

@@ -41,7 +41,7 @@ try:
 except ImportError:  # pragma: no cover - Windows
     fcntl = None
 
-__all__ = ["TimingGate", "gate_dir", "machine_gate", "sync_devices"]
+__all__ = ["TimingGate", "gate_dir", "machine_gate", "run_gated", "sync_devices"]
 
 
 def sync_devices() -> None:
@@ -203,3 +203,23 @@ def machine_gate() -> TimingGate | None:
         return TimingGate(gate_dir())
     except OSError:
         return None
+
+
+def run_gated(gate: TimingGate | None, run, cfg, *, on_step=None, **kwargs):
+    """``run(cfg, progress=..., timing_lock=..., **kwargs)`` (``bench.runner.run_one``) passing
+    through ``gate``: held shared for the run, a boundary at every step (after ``on_step``, the
+    caller's own per-step callback), the run's throughput timed holding it exclusively.  Without
+    a gate, ``on_step`` alone is the progress callback.  Returns what ``run`` returns."""
+    if gate is None:
+        return run(cfg, progress=on_step, **kwargs)
+
+    def step(done, total, epoch):
+        if on_step is not None:
+            on_step(done, total, epoch)
+        return gate.boundary(sync_devices)
+
+    gate.enter()
+    try:
+        return run(cfg, progress=step, timing_lock=gate.exclusive, **kwargs)
+    finally:
+        gate.leave()

@@ -286,19 +286,16 @@ def worker_main(fd: int, parent: int, threads: int) -> None:
 
     torch.set_num_threads(threads)  # before any computation: no parallel region has run yet
 
-    from .gate import machine_gate, sync_devices
+    from .gate import machine_gate, run_gated
     from .provenance import device_name
     from .runner import run_one
 
     gate = machine_gate()
     hook = _load_hook()
 
-    def step_boundary(done, total, epoch):
+    def orphaned(done, total, epoch):
         if os.getppid() != parent:
             os._exit(1)
-        if gate is not None:
-            return gate.boundary(sync_devices)
-        return 0.0
 
     conn.send(("ready", {"pid": os.getpid(), "threads": torch.get_num_threads()}))
     while True:
@@ -311,19 +308,9 @@ def worker_main(fd: int, parent: int, threads: int) -> None:
         _, ordinal, cfg, data_dir, checkpoint_dir = msg
         if hook is not None:
             hook(cfg, ordinal)
-        if gate is not None:
-            gate.enter()
-        try:
-            row, history = run_one(
-                cfg,
-                data_dir=data_dir,
-                checkpoint_dir=checkpoint_dir,
-                progress=step_boundary,
-                timing_lock=gate.exclusive if gate is not None else None,
-            )
-        finally:
-            if gate is not None:
-                gate.leave()
+        row, history = run_gated(
+            gate, run_one, cfg, on_step=orphaned, data_dir=data_dir, checkpoint_dir=checkpoint_dir
+        )
         row.update(host=socket.gethostname(), device_name=device_name(cfg.device))
         row.setdefault("torch_version", torch.__version__)
         conn.send(("result", ordinal, row, history))
