@@ -503,11 +503,8 @@ def _threads_notice(rows: list[dict], plan: list[RunConfig], done: set) -> list[
     recorded the process's threads, or nothing in 0.1.0) keep it, so they are skipped under
     the run_id they had and stand apart in the statistics; ``--force`` retrains them."""
     want = {c.run_id: str(c.threads) for c in plan}
-    other = [
-        r
-        for r in rows
-        if r.get("run_id") in done and r["run_id"] in want and str(r.get("threads") or "") != want[r["run_id"]]
-    ]
+    kept = [r for r in rows if r.get("run_id") in done and r["run_id"] in want]
+    other = [r for r in kept if str(r.get("threads") or "") != want[r["run_id"]]]
     if not other:
         return []
     recorded = sorted({r.get("threads") or "unknown" for r in other})

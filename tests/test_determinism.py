@@ -54,7 +54,9 @@ def _private_gate(tmp_path, monkeypatch):
 
 def _cfg(**kw) -> RunConfig:
     base = dict(method="cd", task="digits", profile="smoke", penalty_param=0.5, num_layers=1, hidden_size=8)
-    return RunConfig(**{**base, "bidirectional": False, "epochs": 1, "train_subset": 64, "perf_iters": 1, **kw})
+    return RunConfig(
+        **{**base, "bidirectional": False, "epochs": 1, "train_subset": 64, "perf_iters": 1, **kw}
+    )
 
 
 def test_run_one_trains_with_the_configured_threads_whatever_the_process_has():
@@ -240,7 +242,9 @@ def test_every_executor_and_a_resumed_sweep_write_the_same_metrics(tmp_path):
         runs[name] = _metric_columns(tmp_path / name)
     # killed (SIGKILL of the driver when the 4th run starts, checkpoints on), then resumed
     killed = tmp_path / "killed"
-    hooked = _env(CDBENCH_WORKER_HOOK="pool_hooks:kill_driver", CDBENCH_TEST_DIR=str(tmp_path), CDBENCH_TEST_AT="3")
+    hooked = _env(
+        CDBENCH_WORKER_HOOK="pool_hooks:kill_driver", CDBENCH_TEST_DIR=str(tmp_path), CDBENCH_TEST_AT="3"
+    )
     p = _sweep(killed, "--executor", "auto", "--workers", "2", "--checkpoints", env=hooked)
     assert p.returncode == -signal.SIGKILL, p.stderr[-3000:]
     assert 2 <= len(pd.read_csv(killed / "runs.csv")) < 6

@@ -244,7 +244,16 @@ def test_killed_packed_sweep_resumes_as_the_local_executor_does(tmp_path, monkey
 def test_packbench_runs_and_reports_the_ratio(tmp_path):
     """The benchmark itself (not a timed test): both sweeps run, the table has a ratio."""
     p = subprocess.run(  # the digits grid's flags come after the quick grid's: the last flag wins
-        [sys.executable, "-m", "bench.packbench", "--out", str(tmp_path / "pb"), "--", *GRID],
+        [
+            sys.executable,
+            "-m",
+            "bench.packbench",
+            "--all-threads",
+            "--out",
+            str(tmp_path / "pb"),
+            "--",
+            *GRID,
+        ],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -252,11 +261,14 @@ def test_packbench_runs_and_reports_the_ratio(tmp_path):
     )
     assert p.returncode == 0, p.stderr[-3000:]
     table = pd.read_csv(tmp_path / "pb" / "packbench.csv")
-    assert sorted(table["mode"]) == ["local", "packed"] and (table["ok"] == 4).all()
+    assert sorted(table["mode"]) == ["all-threads", "local", "packed"] and (table["ok"] == 4).all()
     packing = table.set_index("mode")["packing"]
-    assert packing["local"] == "cpu 1x1" and packing["packed"].startswith("cpu ")  # OMP_NUM_THREADS=1
+    assert packing["local"] == "cpu 1x1" and packing["packed"].startswith("cpu ")
     md = (tmp_path / "pb" / "packbench.md").read_text()
     assert "Median ratio over 1 repeat(s): **" in md
+    # the same configurations on both sides (one thread per run): the same runs, bit for bit
+    assert "metric columns identical between one at a time and packed in 1 of 1 repeat(s)" in md
+    assert "a different configuration" in md
     assert (tmp_path / "pb" / "command.txt").read_text().startswith("python -m bench.packbench --out ")
 
 
