@@ -72,9 +72,10 @@ def _label(device: str, runs: int, threads: int) -> str:
     return f"{str(device).split(':')[0]} {runs}x{threads}"
 
 
-def _threads_text(todo) -> str:
-    """``1 torch thread`` / ``2 torch threads`` / ``1, 2 torch threads``: the runs' own counts."""
-    counts = sorted({c.threads for c in todo}) or [1]
+def _threads_text(todo, default: int = 1) -> str:
+    """``1 torch thread`` / ``2 torch threads`` / ``1, 2 torch threads``: the runs' own counts
+    (``default`` when there are no runs)."""
+    counts = sorted({c.threads for c in todo}) or [default]
     return f"{', '.join(map(str, counts))} torch thread{'s' * (counts != [1])}"
 
 
@@ -357,7 +358,7 @@ class DaskExecutor:
         how = "a LocalCluster started here" if self._cluster is not None else f"scheduler {self.scheduler}"
         lines = [
             f"dask: one task per run on {how}, {self._n_workers} workers at the start, "
-            f"{_threads_text(todo)} per run"
+            f"{_threads_text(todo, self.threads)} per run"
         ]
         try:
             trim = self.client.run(_worker_env, "MALLOC_TRIM_THRESHOLD_")
