@@ -191,7 +191,9 @@ def main(argv=None) -> int:
         "faster).",
         "",
         "Same configurations on both sides (threads per run: "
-        + ", ".join(f"{m} {t}" for m, t in df.groupby("mode")["threads"].first().items())
+        + ", ".join(
+            f"{m} {t}" for m, t in df.groupby("mode")["threads"].first().items() if m != "all-threads"
+        )
         + "): run_ids and metric columns identical between one at a time and packed in "
         f"{sum(same)} of {len(same)} repeat(s).",
         "",

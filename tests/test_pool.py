@@ -269,7 +269,7 @@ def test_packbench_runs_and_reports_the_ratio(tmp_path):
     # the same configurations on both sides (one thread per run): the same runs, bit for bit
     assert "metric columns identical between one at a time and packed in 1 of 1 repeat(s)" in md
     assert "a different configuration" in md
-    assert (tmp_path / "pb" / "command.txt").read_text().startswith("python -m bench.packbench --out ")
+    assert (tmp_path / "pb" / "command.txt").read_text().startswith("python -m bench.packbench --all-threads --out ")
 
 
 @pytest.mark.slow(reason="three worker processes that fail to start, each importing torch first: 10-30 s")
