@@ -144,11 +144,7 @@ class RunConfig:
     init: str = cells.DEFAULT_INIT
     optimizer: str = "adam"
     nonlinearity: str = "tanh"  # the rnn cell's; other cells ignore it
-    threads: int = 1  # torch threads of the run (--threads-per-run); every executor sets them
-
-    #: ``threads`` is the one added field whose default is not what 0.1.0 did (0.1.0 ran with
-    #: torch's default, every core): a row that recorded no thread count keeps it unknown
-    #: (:func:`upgrade_row`), its run_id unchanged.
+    threads: int = 1  # torch threads of the run (--threads-per-run), set by run_one on every executor
 
     #: Fields added after 0.1.0.  Each enters ``run_id`` only when it differs from its
     #: default, so the run_ids of results folders written before it existed stay valid: at
@@ -173,7 +169,9 @@ class RunConfig:
             "threads",
         }
     )
-    #: Added fields whose value a row written before them cannot know (see ``threads``).
+    #: Added fields whose value a row written before them cannot know: ``threads`` is the one
+    #: whose default is not what 0.1.0 did (it ran with torch's default, every core), so
+    #: :func:`upgrade_row` keeps what a row recorded, or leaves it unknown; run_ids unchanged.
     UNKNOWN_BEFORE: ClassVar[frozenset[str]] = frozenset({"threads"})
 
     def __post_init__(self) -> None:

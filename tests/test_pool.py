@@ -2,10 +2,9 @@
 a one-at-a-time sweep writes, keep every run's timing to itself, and resume after a kill
 as the local executor does.
 
-Both sides run with one torch thread (the conftest's ``OMP_NUM_THREADS=1`` here, one thread
-per worker there), so the metrics must match exactly: the same arithmetic in the same order.
-With k threads on one side and j on the other, sums run in another order and loss and
-feasibility differ around the 8th significant digit (tests/test_dask.py measures ~1e-8).
+Both sides run each run with its configuration's torch threads (``RunConfig.threads``, 1
+here), so the metrics must match exactly: the same arithmetic in the same order (every
+executor and a resumed sweep: tests/test_determinism.py).
 
 Faults are injected with ``CDBENCH_WORKER_HOOK`` (tests/hooks/pool_hooks.py) at fixed
 points of the dispatch order, never by timing; the timing gate's own tests are in
@@ -269,7 +268,8 @@ def test_packbench_runs_and_reports_the_ratio(tmp_path):
     # the same configurations on both sides (one thread per run): the same runs, bit for bit
     assert "metric columns identical between one at a time and packed in 1 of 1 repeat(s)" in md
     assert "a different configuration" in md
-    assert (tmp_path / "pb" / "command.txt").read_text().startswith("python -m bench.packbench --all-threads --out ")
+    command = (tmp_path / "pb" / "command.txt").read_text()
+    assert command.startswith("python -m bench.packbench --all-threads --out ")
 
 
 @pytest.mark.slow(reason="three worker processes that fail to start, each importing torch first: 10-30 s")
