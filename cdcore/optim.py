@@ -137,6 +137,7 @@ class _CayleyBase(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._check_finite()
+        writes = []  # every Stiefel update is computed before any parameter or state is written
         for group in self.param_groups:
             if group["stiefel"]:
                 buckets: dict[tuple, list[Tensor]] = {}
@@ -144,8 +145,16 @@ class _CayleyBase(torch.optim.Optimizer):
                     if p.grad is not None:
                         buckets.setdefault((p.shape, p.dtype, p.device), []).append(p)
                 for params in buckets.values():
-                    self._stiefel_bucket(group, params)
-            else:
+                    writes.extend(self._stiefel_bucket(group, params))
+        if writes:
+            ps, ys, sts, ms, vs = zip(*writes)
+            torch._foreach_copy_(list(ps), list(ys))
+            torch._foreach_copy_([st["momentum"] for st in sts], list(ms))
+            torch._foreach_copy_([st["second_moment"] for st in sts], list(vs))
+            for p, st in zip(ps, sts):
+                self.state[p] = st
+        for group in self.param_groups:
+            if not group["stiefel"]:
                 for p in group["params"]:
                     if p.grad is not None:
                         self._euclidean(group, p)
@@ -169,15 +178,24 @@ class _CayleyBase(torch.optim.Optimizer):
                         f"torch.amp.GradScaler does)"
                     )
 
-    def _stiefel_bucket(self, group: dict, params: list[Tensor]) -> None:
-        """Update Stiefel parameters of one shape, dtype and device in one batched operation.
+    def _stiefel_bucket(self, group: dict, params: list[Tensor]) -> list[tuple]:
+        """Compute the update of Stiefel parameters of one shape, dtype and device in one batch.
 
         Each parameter keeps its own step count (bias correction and feasibility checks are
         per parameter, so a parameter whose first gradient comes late starts its own count).
+        Nothing is written: returns ``(param, new value, new state, momentum, second moment)``
+        tuples, applied by
+        :meth:`step` once every bucket has been computed, so a step that raises leaves all
+        parameters and all state as they were.  For float16 / bfloat16 parameters the
+        arithmetic is done in float32 (:func:`cdcore.stiefel.retr_cayley` likewise); the state
+        tensors keep the parameter's dtype.
         """
         gran = group["granularity"]
+        work = stiefel._work_dtype(params[0].dtype)
+        states, starts = [], []
         for p in params:
-            st = self.state[p]
+            st = dict(self.state.get(p, {}))  # a shallow copy: its tensors are written by step() only
+            start = p
             if not st:
                 st["step"] = 0
                 st["reprojections"] = 0
@@ -185,22 +203,24 @@ class _CayleyBase(torch.optim.Optimizer):
                 blocks = to_blocks(p, gran)
                 st["second_moment"] = p.new_zeros(blocks.shape[:-2])
                 if float(stiefel.feasibility(blocks).max()) > group["feasibility_tol"]:
-                    p.copy_(from_blocks(stiefel.projx(blocks), gran))
+                    start = from_blocks(stiefel.projx(blocks), gran)
                     st["reprojections"] += 1
+            states.append(st)
+            starts.append(start)
         k = len(params)
-        stacked_shape = to_blocks(torch.stack(params), gran).shape  # (k, ..., b, n, p)
+        stacked_shape = to_blocks(torch.stack(starts), gran).shape  # (k, ..., b, n, p)
         n, q = stacked_shape[-2:]
         per_param = math.prod(stacked_shape[1:-2])  # matrices per parameter
 
         def flat(ts):
-            return to_blocks(torch.stack(ts), gran).reshape(-1, n, q)
+            return to_blocks(torch.stack(ts), gran).reshape(-1, n, q).to(work)
 
-        X = flat(params)
+        X = flat(starts)
         G = flat([p.grad for p in params])
-        M = flat([self.state[p]["momentum"] for p in params])
-        V = torch.stack([self.state[p]["second_moment"] for p in params]).reshape(-1)
-        steps = [self.state[p]["step"] + 1 for p in params]
-        t = torch.tensor(steps, dtype=X.dtype, device=X.device).repeat_interleave(per_param)
+        M = flat([st["momentum"] for st in states])
+        V = torch.stack([st["second_moment"] for st in states]).reshape(-1).to(work)
+        steps = [st["step"] + 1 for st in states]
+        t = torch.tensor(steps, dtype=work, device=X.device).repeat_interleave(per_param)
         Y, M, V = self._stiefel_update(group, X, stiefel.proju(X, G), M, V, t)
         due = [s % group["check_every"] == 0 for s in steps]
         bad_per_param = [False] * k
@@ -215,14 +235,15 @@ class _CayleyBase(torch.optim.Optimizer):
         def back(T):
             return from_blocks(T.reshape(stacked_shape), gran)
 
-        Y, M, V = back(Y), back(M), V.reshape(k, -1)
-        for i, p in enumerate(params):
-            st = self.state[p]
-            p.copy_(Y[i])
-            st["momentum"].copy_(M[i])
-            st["second_moment"].copy_(V[i].reshape(st["second_moment"].shape))
+        dtype = params[0].dtype
+        Y, M = back(Y).to(dtype), back(M).to(dtype)
+        V = V.to(dtype).reshape((k,) + states[0]["second_moment"].shape)
+        writes = []
+        for i, (p, st) in enumerate(zip(params, states)):
             st["step"] = steps[i]
             st["reprojections"] += int(bad_per_param[i])
+            writes.append((p, Y[i], st, M[i], V[i]))
+        return writes
 
     def _stiefel_update(self, group, X, xi, M, V, t):  # pragma: no cover - abstract
         raise NotImplementedError

@@ -65,6 +65,15 @@ def sym(M: Tensor) -> Tensor:
     return 0.5 * (M + M.transpose(-2, -1))
 
 
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Dtype of the arithmetic for ``dtype``: float32 for half precision (whose linear algebra
+    torch does not implement, and whose rounding would swamp the retraction), else ``dtype``."""
+    return torch.float32 if dtype in _HALF else dtype
+
+
 def _eye_like(X: Tensor) -> Tensor:
     p = X.shape[-1]
     return torch.eye(p, dtype=X.dtype, device=X.device)
@@ -197,7 +206,8 @@ def random_point(
 
     Returns
     -------
-    Tensor, shape (*batch, n, p)
+    Tensor, shape (*batch, n, p), dtype ``dtype``
+        For float16 / bfloat16 drawn and factored in float32 (torch has no half QR), then cast.
 
     Raises
     ------
@@ -206,11 +216,12 @@ def random_point(
     """
     if not (isinstance(n, int) and isinstance(p, int) and n >= p >= 1):
         raise ValueError(f"random_point needs integers n >= p >= 1, got n={n!r}, p={p!r}")
-    G = torch.randn(*batch, n, p, generator=generator, dtype=dtype, device=device)
+    out_dtype = torch.get_default_dtype() if dtype is None else dtype
+    G = torch.randn(*batch, n, p, generator=generator, dtype=_work_dtype(out_dtype), device=device)
     Q, R = torch.linalg.qr(G)
     signs = torch.sign(torch.diagonal(R, dim1=-2, dim2=-1))
     signs = torch.where(signs == 0, torch.ones_like(signs), signs)
-    return Q * signs.unsqueeze(-2)
+    return (Q * signs.unsqueeze(-2)).to(out_dtype)
 
 
 def retr_cayley(X: Tensor, U: Tensor, step: float | Tensor = 1.0) -> Tensor:
@@ -250,16 +261,26 @@ def retr_cayley(X: Tensor, U: Tensor, step: float | Tensor = 1.0) -> Tensor:
 
     Returns
     -------
-    Tensor, shape (..., n, p)
+    Tensor, shape (..., n, p), dtype of ``X``
+        For float16 / bfloat16 inputs the arithmetic is done in float32 and the result cast
+        back (torch has no half-precision inverse, and half rounding would swamp the update).
 
     Raises
     ------
     ValueError
         If the shapes differ or are not (..., n, p) with n >= p.
+
+    Notes
+    -----
+    The p x p inverse is ``torch.linalg.inv_ex`` without its error check, so the call never
+    makes the host wait for a device; K is always invertible for finite inputs, and a
+    non-finite input gives a non-finite result rather than an exception.
     """
     check_point(X)
     if U.shape != X.shape:
         raise ValueError(f"U must have the shape of X {tuple(X.shape)}, got {tuple(U.shape)}")
+    out_dtype = X.dtype
+    X, U = X.to(_work_dtype(out_dtype)), U.to(_work_dtype(out_dtype))
     if isinstance(step, Tensor):
         a = 0.5 * step.to(dtype=X.dtype).reshape(step.shape + (1, 1))
     else:
@@ -272,4 +293,5 @@ def retr_cayley(X: Tensor, U: Tensor, step: float | Tensor = 1.0) -> Tensor:
     Pt = P.transpose(-2, -1)
     K = (eye + a * Pt) @ E + (a * a) * R
     Z = U - X @ (P + Pt @ E + a * R)  # (1/2) X^T U = P
-    return X + (2 * a) * (Z @ torch.linalg.inv(K))
+    K_inv, _ = torch.linalg.inv_ex(K, check_errors=False)
+    return (X + (2 * a) * (Z @ K_inv)).to(out_dtype)

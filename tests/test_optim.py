@@ -377,3 +377,60 @@ def test_state_dict_round_trip_continues_identically(cls):
         opt.step(), opt2.step()
     assert torch.equal(p, p2) and torch.equal(e, e2)
     assert opt2.state[p2]["step"] == 6
+
+
+_HALF_TOL = {torch.float16: 2e-2, torch.bfloat16: 1e-1}  # rounding of St(12, 4) at each dtype
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("cls", [optim.CayleyAdam, optim.CayleySGD, optim.CayleyRMSprop])
+def test_half_precision_weights_step_in_float32_and_keep_their_dtype(cls, dtype):
+    """Issue 21 item 10: bf16 / fp16 weights used to raise in linalg.inv.  The arithmetic is
+    float32, the weights and the optimiser state keep the parameter's dtype."""
+    p64, target = _procrustes(12, 4, seed=3)
+    p = nn.Parameter(p64.detach().to(dtype))
+    opt = cls([{"params": [p], "stiefel": True}], lr=0.01)
+    for _ in range(5):
+        opt.zero_grad()
+        (p.float() - target.float()).square().sum().backward()
+        opt.step()
+    assert p.dtype == dtype and torch.isfinite(p).all()
+    assert not torch.equal(p.detach(), p64.detach().to(dtype))
+    assert stiefel.feasibility(p).item() < _HALF_TOL[dtype]
+    st = opt.state[p]
+    assert st["momentum"].dtype == dtype and st["second_moment"].dtype == dtype
+
+
+@pytest.mark.parametrize("cls", [optim.CayleyAdam, optim.CayleySGD, optim.CayleyRMSprop])
+def test_a_failing_step_leaves_parameters_and_state_untouched(cls, monkeypatch):
+    """Compute first, write last: when the second bucket's update raises, the first
+    parameter (another shape, already computed) and every state entry are as before."""
+    p = _stiefel_param(seed=0)
+    q = nn.Parameter(stiefel.random_point(8, 2, generator=torch.Generator().manual_seed(1)))
+    opt = cls([{"params": [p, q], "stiefel": True}], lr=0.05)
+    for first in (False, True):  # a failing step before any state exists, then after one
+        if first:
+            opt.zero_grad()
+            (p.sum() + q.sum()).backward()
+            opt.step()
+        before = [t.detach().clone() for t in (p, q)]
+        state = copy.deepcopy(opt.state_dict())
+        real, calls = stiefel.retr_cayley, []
+
+        def flaky(X, U, step=1.0):
+            calls.append(1)
+            if len(calls) == 2:
+                raise RuntimeError("boom")
+            return real(X, U, step)
+
+        monkeypatch.setattr(stiefel, "retr_cayley", flaky)
+        p.grad, q.grad = torch.ones_like(p), torch.ones_like(q)
+        with pytest.raises(RuntimeError, match="boom"):
+            opt.step()
+        monkeypatch.setattr(stiefel, "retr_cayley", real)
+        assert torch.equal(p, before[0]) and torch.equal(q, before[1])
+        after = opt.state_dict()
+        assert after["state"].keys() == state["state"].keys()
+        for k, st in state["state"].items():
+            for name, v in st.items():
+                assert torch.equal(torch.as_tensor(after["state"][k][name]), torch.as_tensor(v)), name

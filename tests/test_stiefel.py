@@ -103,3 +103,35 @@ def test_bad_shapes_raise_one_clear_error():
         stiefel.proju(torch.randn(5, 3), torch.randn(5, 2))
     with pytest.raises(ValueError, match="n >= p >= 1"):
         stiefel.random_point(2, 3)
+
+
+_ALL_DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+# half precision's own rounding of a point of St(12, 4): about sqrt(n p) * eps
+_FEAS_TOL = {torch.float16: 2e-2, torch.bfloat16: 1e-1, torch.float32: 1e-5, torch.float64: 1e-12}
+
+
+@pytest.mark.parametrize("dtype", _ALL_DTYPES, ids=str)
+@pytest.mark.parametrize("name", stiefel.__all__)
+def test_every_function_accepts_every_floating_dtype(name, dtype):
+    """The module promises any floating dtype: each public function runs and keeps the dtype
+    (feasibility is float64 by contract; check_point returns None)."""
+    g = torch.Generator().manual_seed(0)
+    X = stiefel.random_point(12, 4, 2, generator=g, dtype=torch.float64).to(dtype)
+    U = stiefel.proju(X.double(), torch.randn(2, 12, 4, generator=g, dtype=torch.float64)).to(dtype)
+    out = {
+        "check_point": lambda: stiefel.check_point(X),
+        "constraint": lambda: stiefel.constraint(X),
+        "feasibility": lambda: stiefel.feasibility(X),
+        "projx": lambda: stiefel.projx(X),
+        "proju": lambda: stiefel.proju(X, U),
+        "random_point": lambda: stiefel.random_point(12, 4, 2, generator=g, dtype=dtype),
+        "retr_cayley": lambda: stiefel.retr_cayley(X, U, 0.1),
+        "sym": lambda: stiefel.sym(X[..., :4, :]),
+    }[name]()
+    if name == "check_point":
+        assert out is None
+        return
+    assert out.dtype == (torch.float64 if name == "feasibility" else dtype)
+    assert torch.isfinite(out).all()
+    if name in ("projx", "random_point", "retr_cayley"):
+        assert stiefel.feasibility(out).max() < _FEAS_TOL[dtype]
