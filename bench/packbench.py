@@ -46,6 +46,7 @@ from pathlib import Path
 
 from .cli import Parser, choice, number
 from .errors import UsageError
+from .fsio import write_atomic, write_csv
 
 __all__ = ["GRIDS", "main"]
 
@@ -173,7 +174,7 @@ def main(argv=None) -> int:
         wide["ratio_all_threads_over_packed"] = wide["all-threads"] / wide["packed"]
     after = _machine()
     command = "python -m bench.packbench " + shlex.join(argv)
-    df.to_csv(out / "packbench.csv", index=False)
+    write_csv(df, out / "packbench.csv")
     ratio = float(wide["ratio_local_over_packed"].median())
     lines = [
         f"# Packed vs one-at-a-time sweep ({args.grid} grid)",
@@ -222,8 +223,8 @@ def main(argv=None) -> int:
         "After: " + "; ".join(after),
         "",
     ]
-    (out / "packbench.md").write_text("\n".join(lines))
-    (out / "command.txt").write_text("\n".join([command, *before, "after:", *after[2:3], ""]))
+    write_atomic(out / "packbench.md", "\n".join(lines))
+    write_atomic(out / "command.txt", "\n".join([command, *before, "after:", *after[2:3], ""]))
     print("\n".join(lines[4:]))
     return 0
 

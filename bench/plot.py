@@ -24,6 +24,8 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from . import stats  # noqa: E402
+from .errors import UsageError  # noqa: E402
+from .fsio import check_folder, save_figure, write_atomic, write_csv  # noqa: E402
 
 METRIC_LABEL = {"acc": "test accuracy (%)", "ce": "test cross-entropy", "mse": "test MSE"}
 QUANTITY_LABEL = {
@@ -42,7 +44,7 @@ NEVER = "never"
 
 def _save(fig, path: Path, dpi: int = 110) -> None:
     fig.tight_layout()
-    fig.savefig(path, dpi=dpi)
+    save_figure(fig, path, dpi=dpi)
     plt.close(fig)
 
 
@@ -768,7 +770,7 @@ def write_summary(runs: pd.DataFrame, st: pd.DataFrame, folder: Path, images: li
             )
         lines.append("")
     lines += ["## Plots", ""] + [f"![{i}]({i})" for i in images]
-    (folder / "summary.md").write_text("\n".join(lines) + "\n")
+    write_atomic(folder / "summary.md", "\n".join(lines) + "\n")
 
 
 def make_all(folder) -> list[str]:
@@ -776,7 +778,7 @@ def make_all(folder) -> list[str]:
     folder = Path(folder)
     runs, hist = _read(folder)
     st = stats.all_stats(runs) if len(runs) else pd.DataFrame()
-    st.to_csv(folder / "stats.csv", index=False)
+    write_csv(st, folder / "stats.csv")
     images = []
     if len(runs):
         images += plot_metric_vs_penalty(runs, st, folder)
@@ -795,10 +797,19 @@ def main(argv=None) -> int:
         got = argv[0] if argv else "nothing"
         print(f"bench.plot: error: expected one folder holding runs.csv; got {got!r}", file=sys.stderr)
         return 2
+    try:
+        check_folder(argv[0], "bench.plot")
+    except UsageError as e:
+        print(f"bench.plot: error: {e}", file=sys.stderr)
+        return 2
     if "run_id" not in _read_complete(Path(argv[0]) / "runs.csv"):
         print(f"bench.plot: error: {Path(argv[0]) / 'runs.csv'} holds no header row (empty)", file=sys.stderr)
         return 2
-    images = make_all(argv[0])
+    try:
+        images = make_all(argv[0])
+    except UsageError as e:
+        print(f"bench.plot: error: {e}", file=sys.stderr)
+        return 2
     print(f"wrote stats.csv, {len(images)} plots and summary.md in {argv[0]}")
     return 0
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import os
 import platform
 import socket
 import subprocess
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from .fsio import write_atomic
 from .measure import cpu_count
 
 __all__ = [
@@ -126,6 +126,4 @@ def write_meta(out: Path, meta: dict) -> None:
         "invocations": previous
         + [{"command": meta["command"], "started": meta["started"], "git_commit": meta["git_commit"]}],
     }
-    tmp = path.with_name(f"meta.json.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(meta, indent=2, default=str))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(meta, indent=2, default=str))

@@ -22,6 +22,7 @@ import os
 from pathlib import Path
 
 from .errors import FolderBusy, UsageError
+from .fsio import check_folder, open_append, write_atomic
 from .runner import HISTORY_COLUMNS, RUN_COLUMNS, upgrade_row
 
 __all__ = ["HISTORY_COLUMNS", "RUN_COLUMNS", "FolderBusy", "ResultStore", "read_rows"]
@@ -51,14 +52,11 @@ def read_rows(path: Path) -> list[dict]:
 
 
 def _rewrite(path: Path, rows: list[dict], columns: list[str]) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(_line({c: c for c in columns}, columns))
-        for r in rows:  # rows read back from the file: columns of an older version are dropped
-            f.write(_line({k: v for k, v in r.items() if k in columns}, columns))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    # beside the file and renamed over it: a link in its place is replaced, never followed
+    data = [_line({c: c for c in columns}, columns)]
+    for r in rows:  # rows read back from the file: columns of an older version are dropped
+        data.append(_line({k: v for k, v in r.items() if k in columns}, columns))
+    write_atomic(path, b"".join(data))
 
 
 class ResultStore:
@@ -73,6 +71,7 @@ class ResultStore:
     def __enter__(self) -> "ResultStore":
         from filelock import FileLock, Timeout
 
+        check_folder(self.out, f"--out {self.out}")
         try:
             self.out.mkdir(parents=True, exist_ok=True)
             self._lock = FileLock(str(self.out / ".lock"), timeout=0)
@@ -122,7 +121,7 @@ class ResultStore:
         if not rows:
             return
         data = b"".join(_line(r, columns) for r in rows)  # before opening: a bad key writes nothing
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        fd = open_append(path)  # O_NOFOLLOW: a linked CSV is refused, never followed
         try:
             os.write(fd, data)
             os.fsync(fd)

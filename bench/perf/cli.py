@@ -31,6 +31,7 @@ import torch
 
 from ..cli import Parser, choice, number
 from ..errors import UsageError
+from ..fsio import check_folder, write_atomic, write_csv
 from ..methods import ALIASES, METHODS
 from ..provenance import environment_lines
 from . import paired, plan, report
@@ -105,7 +106,7 @@ def parse_args(argv=None):
     if args.device and "cuda" in args.device and not torch.cuda.is_available():
         raise UsageError("--device cuda: torch.cuda.is_available() is False")
     if not args.dry_run:
-        out = Path(args.out)
+        out = check_folder(args.out, f"--out {args.out}")
         try:
             out.mkdir(parents=True, exist_ok=True)
             ok = os.access(out, os.W_OK)
@@ -176,18 +177,19 @@ def run_paired(args, argv, methods, hidden, batch, devices, rounds: int, warmup:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     df, dp = pd.DataFrame(rows), pd.DataFrame(pairs)
-    df.to_csv(out / "paired.csv", index=False)
-    dp.to_csv(out / "pairs.csv", index=False)
-    (out / "paired.md").write_text(
+    write_csv(df, out / "paired.csv")
+    write_csv(dp, out / "pairs.csv")
+    write_atomic(
+        out / "paired.md",
         f"Throughput relative to {ref} (> 1 is faster): median over rounds of t_{ref} / t_method, its\n"
         f"quartiles, and median t_{ref} / median t_method.\n\n"
         + df.to_markdown(index=False, floatfmt=".3f")
         + "\n\nEvery pair: throughput of method relative to baseline, the same statistics.\n\n"
         + dp.to_markdown(index=False, floatfmt=".3f")
-        + "\n"
+        + "\n",
     )
     lines = [shlex.join(["python", "-m", "bench.perf", *argv]), *environment_lines(devices)]
-    (out / "paired_command.txt").write_text("\n".join(lines) + "\n")
+    write_atomic(out / "paired_command.txt", "\n".join(lines) + "\n")
     print(f"bench.perf: wrote {out}/paired.csv, pairs.csv, paired.md, paired_command.txt")
     return 0
 
@@ -262,6 +264,6 @@ def main(argv=None) -> int:
         f"pytest wall time: {_fmt_s(wall)}",
         f"pytest exit code: {code}",
     ]
-    (out / "command.txt").write_text("\n".join(lines) + "\n")
+    write_atomic(out / "command.txt", "\n".join(lines) + "\n")
     print(f"bench.perf: wrote {out}/table.csv, table.md, relative_throughput.png, scaling.png, command.txt")
     return code

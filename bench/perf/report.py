@@ -14,6 +14,7 @@ import json
 import math
 from pathlib import Path
 
+from ..fsio import save_figure, write_atomic, write_csv
 from ..methods import METHODS, canonical
 from .paired import ratio_stats
 from .plan import KINDS, REFERENCE
@@ -95,7 +96,7 @@ def load_results(json_path):
 
 def write_tables(df, out: Path) -> None:
     """``table.csv`` (full precision) and ``table.md`` (rounded) in ``out``."""
-    df.to_csv(out / "table.csv", index=False)
+    write_csv(df, out / "table.csv")
     ratio = lambda v: "-" if math.isnan(v) else f"{v:.2f}"  # noqa: E731
     md = df.assign(
         median_ms=df["median_ms"].map("{:.2f}".format),
@@ -103,7 +104,7 @@ def write_tables(df, out: Path) -> None:
         ratio_to_unconstrained=df["ratio_to_unconstrained"].map(ratio),
         paired_vs_unconstrained=df["paired_vs_unconstrained"].map(ratio),
     )
-    (out / "table.md").write_text(md.to_markdown(index=False) + "\n")
+    write_atomic(out / "table.md", md.to_markdown(index=False) + "\n")
 
 
 def _pyplot():
@@ -167,7 +168,7 @@ def plot_relative(df, path: Path) -> None:
         y=0.955,
     )
     fig.tight_layout(rect=(0, 0, 1, 0.93))
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
 
 
@@ -203,5 +204,5 @@ def plot_scaling(df, path: Path) -> None:
         ax.set_title(f"train step, {device}, batch {batch}")
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)

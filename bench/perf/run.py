@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from .. import measure
+from ..fsio import write_atomic
 from ..runner import make_steps
 from . import paired
 from .plan import PLAN_ENV, run_config, shape28_task
@@ -83,7 +84,7 @@ def run_benchmarks(plan: list[dict], out: Path, json_path: Path) -> tuple[int, f
     import pytest
 
     json_path.unlink(missing_ok=True)
-    (out / "plan.json").write_text(json.dumps(plan, indent=1))
+    write_atomic(out / "plan.json", json.dumps(plan, indent=1))
     os.environ[PLAN_ENV] = str((out / "plan.json").resolve())
     pytest_args = [
         str(BENCH_DIR),
