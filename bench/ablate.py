@@ -40,7 +40,7 @@ from .errors import DataError, FolderBusy, UsageError
 from .executors import make_executor
 from .methods import ALIASES, METHODS, OPTIMIZERS
 from .provenance import environment, git_commit, utc_now, write_meta
-from .runner import AMP_MODES, SCHEDULES, RunConfig, get_task
+from .runner import AMP_MODES, SCHEDULES, RunConfig, get_task, normalized, resolved_fields
 from .store import ResultStore
 from .tasks import PROFILES, TASKS, default_data_dir
 
@@ -52,6 +52,7 @@ __all__ = [
     "build_parser",
     "main",
     "make_plan",
+    "resolve_plan",
 ]
 
 EXIT_BAD_INPUT, EXIT_NOT_ALL_OK = 2, 3
@@ -240,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--threads-per-run",
         type=positive("threads-per-run"),
         default=None,
-        help="torch threads of each run (auto: default 1, more when runs are fewer than cores)",
+        help="torch threads of each run, part of its configuration (run_id) on every executor; default 1",
     )
     p.add_argument(
         "--runs-per-gpu",
@@ -413,6 +414,7 @@ def make_plan(args) -> tuple[list[RunConfig], list[str], str]:
                         init=init,
                         optimizer=opt,
                         nonlinearity=nonlin,
+                        threads=args.threads_per_run or 1,
                     )
                 )
     plan = _with_recipe(plan, args)
@@ -473,6 +475,58 @@ def _with_recipe(plan: list[RunConfig], args) -> list[RunConfig]:
         dataclasses.replace(cfg, schedule=s, clip=c, weight_decay=wd, amp=a, val_size=val_size(cfg), **single)
         for cfg in plan
         for s, c, wd, a in recipe
+    ]
+
+
+def resolve_plan(plan: list[RunConfig], data_dir, target=None) -> tuple[list[RunConfig], dict]:
+    """Load each task of ``plan`` once (failing now, before anything is written, if its data is
+    missing), normalise every run (:func:`bench.runner.normalized`: a given value equal to the
+    automatic one is made automatic, so both commands plan one run_id) and resolve its
+    task-dependent configuration columns (:func:`bench.runner.resolved_fields`).
+
+    Returns
+    -------
+    (list of RunConfig, dict)
+        The normalised plan (plan order, each run_id once) and ``{run_id: resolved fields}``,
+        which the sweep writes into the row of a run that failed without them (a dead worker).
+
+    Raises
+    ------
+    UsageError
+        ``target`` out of the range of a task's metric (:func:`_check_target`).
+    DataError
+        A task's data is missing.
+    """
+    by_data: dict[tuple, list[int]] = {}
+    for i, c in enumerate(plan):
+        by_data.setdefault((c.task, c.train_subset, c.test_subset, c.seq_len, c.val_size), []).append(i)
+    out, resolved = list(plan), {}
+    for indices in by_data.values():
+        task = get_task(plan[indices[0]], data_dir)
+        _check_target(target, plan[indices[0]].task, task.metric)
+        for i in indices:
+            out[i] = normalized(plan[i], task)
+            resolved[out[i].run_id] = resolved_fields(out[i], task)
+    unique = list({c.run_id: c for c in reversed(out)}.values())[::-1]  # first of each run_id
+    return unique, resolved
+
+
+def _threads_notice(rows: list[dict], plan: list[RunConfig], done: set) -> list[str]:
+    """A note when runs counted as done were recorded with another torch thread count than
+    planned: rows written before the threads were part of the configuration (the column
+    recorded the process's threads, or nothing in 0.1.0) keep it, so they are skipped under
+    the run_id they had and stand apart in the statistics; ``--force`` retrains them."""
+    want = {c.run_id: str(c.threads) for c in plan}
+    kept = [r for r in rows if r.get("run_id") in done and r["run_id"] in want]
+    other = [r for r in kept if str(r.get("threads") or "") != want[r["run_id"]]]
+    if not other:
+        return []
+    recorded = sorted({r.get("threads") or "unknown" for r in other})
+    return [
+        f"{len(other)} run(s) already ok were trained with {', '.join(recorded)} torch threads (recorded "
+        f"before the threads were part of a run's configuration), not the "
+        f"{', '.join(sorted(set(want.values())))} planned: kept and skipped, in their own configuration; "
+        f"--force retrains them"
     ]
 
 
@@ -672,9 +726,10 @@ def dry_run(plan, notices, out: Path, data_dir, force: bool, executor=None) -> i
     from .store import read_rows
 
     rows = read_rows(out / "runs.csv")
-    done = set() if force else {r.get("run_id") for r in rows if r.get("status") == "ok"}
+    planned = {c.run_id for c in plan}
+    done = set() if force else {r.get("run_id") for r in rows if r.get("status") == "ok"} & planned
     packing = executor.plan([c for c in plan if c.run_id not in done], data_dir) if executor else ()
-    todo = _print_plan(plan, done, notices, out, packing)
+    todo = _print_plan(plan, done, notices + _threads_notice(rows, plan, done), out, packing)
     est = estimate(todo, rows, data_dir)
     by, per_method = {"recorded": 0, "measured": 0}, {}
     for c, seconds, source in est:
@@ -694,10 +749,17 @@ def dry_run(plan, notices, out: Path, data_dir, force: bool, executor=None) -> i
 
 
 def _sweep(
-    store: ResultStore, executor, plan, notices, profile, args, argv, data_dir, out
+    store: ResultStore, executor, plan, notices, profile, args, argv, data_dir, out, resolved=None
 ) -> tuple[dict, int]:
-    """Run the planned runs not yet ``ok`` in ``store``; returns ({run_id: status}, runs skipped)."""
+    """Run the planned runs not yet ``ok`` in ``store``; returns ({run_id: status}, runs skipped).
+
+    ``resolved``: ``{run_id: fields}`` of :func:`resolve_plan`, written into a row that lacks
+    them (a run whose worker died: the executor's row holds the configuration as given)."""
+    from .store import read_rows
+
+    resolved = resolved or {}
     done = store.prepare({c.run_id for c in plan}, force=args.force)
+    notices = notices + _threads_notice(read_rows(out / "runs.csv"), plan, done)
     if args.force:  # rerun from scratch: a checkpoint left by an earlier interrupted run is not resumed
         for c in plan:
             (out / "checkpoints" / f"{c.run_id}.pt").unlink(missing_ok=True)
@@ -725,6 +787,7 @@ def _sweep(
 
     def on_result(cfg, row, history):
         row.update({k: v for k, v in provenance.items() if not row.get(k)})
+        row.update({k: v for k, v in resolved.get(cfg.run_id, {}).items() if row.get(k) in (None, "")})
         row.setdefault("device_name", env["device_names"].get(cfg.device))
         store.record(row, history)
         results[cfg.run_id] = row["status"]
@@ -758,9 +821,7 @@ def main(argv=None) -> int:
         if not plan:
             raise UsageError("the grid is empty: no method applies to the chosen granularity/methods")
         data_dir = args.data_dir or default_data_dir()
-        for cfg in {(c.task, c.train_subset, c.test_subset, c.seq_len, c.val_size): c for c in plan}.values():
-            task = get_task(cfg, data_dir)  # fail now, before anything is written, if data is missing
-            _check_target(args.target, cfg.task, task.metric)
+        plan, resolved = resolve_plan(plan, data_dir, args.target)
         tasks = sorted({c.task for c in plan})
         out = Path(args.out or Path("results") / f"{'+'.join(tasks)}-{profile}")
         if args.dry_run:
@@ -789,7 +850,9 @@ def main(argv=None) -> int:
         return EXIT_BAD_INPUT
     try:
         with ResultStore(out) as store:
-            results, skipped = _sweep(store, executor, plan, notices, profile, args, argv, data_dir, out)
+            results, skipped = _sweep(
+                store, executor, plan, notices, profile, args, argv, data_dir, out, resolved
+            )
     except (FolderBusy, UsageError) as e:
         print(f"bench.ablate: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -5,15 +5,20 @@ every result to ``on_result(cfg, row, history)`` in the driver process, which al
 writes the result files (so resume and crash safety do not depend on the executor).
 
 * ``auto`` (the default): the runs packed onto the machine by :mod:`bench.packing` (one
-  single-threaded run per physical core on a CPU, several runs per GPU when their
+  worker process per ``threads`` cores on a CPU, several runs per GPU when their
   measured memory allows) in worker processes of :mod:`bench.pool`; with one worker, as
-  ``local`` with the planned threads.
+  ``local``.
 * ``local``: one run after another in this process (progress bars over runs and
   within each epoch when stderr is a terminal; one plain line per run and per epoch
   otherwise, so that a log redirected to a file holds no escape codes).
 * ``dask``: one Dask task per run on a ``dask.distributed`` cluster, either an existing
   scheduler (``--scheduler ADDRESS``) or a ``LocalCluster`` of ``--workers N``
   single-threaded worker processes started here.  See ``docs/dask.md``.
+
+A run's torch thread count is part of its configuration (``RunConfig.threads``,
+``--threads-per-run``, default 1) and :func:`bench.runner.run_one` sets it for the run,
+whichever executor runs it: an executor decides only how many runs go side by side, never
+with how many threads, so a run's metrics do not depend on how its sweep was scheduled.
 
 Every executor has ``plan(todo, data_dir) -> lines`` (called once before ``run``: how the
 runs will be packed and why, printed with the sweep's plan), ``describe()`` (for
@@ -67,34 +72,29 @@ def _label(device: str, runs: int, threads: int) -> str:
     return f"{str(device).split(':')[0]} {runs}x{threads}"
 
 
-class LocalExecutor:
-    """One run after another in this process.
+def _threads_text(todo, default: int = 1) -> str:
+    """``1 torch thread`` / ``2 torch threads`` / ``1, 2 torch threads``: the runs' own counts
+    (``default`` when there are no runs)."""
+    counts = sorted({c.threads for c in todo}) or [default]
+    return f"{', '.join(map(str, counts))} torch thread{'s' * (counts != [1])}"
 
-    Parameters
-    ----------
-    threads : int, optional
-        Torch threads of the runs (``--threads-per-run``); default: torch's (every core).
-    """
+
+class LocalExecutor:
+    """One run after another in this process, each with its configuration's torch threads."""
 
     name = "local"
 
-    def __init__(self, threads: int | None = None, why: str | None = None) -> None:
-        self.threads = threads
+    def __init__(self, why: str | None = None) -> None:
         self._why = why
+        self._threads: list[int] = []
 
     def plan(self, todo, data_dir=None) -> list[str]:
-        import torch
-
-        if self.threads is not None:
-            torch.set_num_threads(self.threads)
-        n = torch.get_num_threads()
+        self._threads = sorted({c.threads for c in todo})
         why = self._why or "--executor local"
-        return [f"local: one run at a time in this process, {n} torch thread{'s' * (n != 1)} ({why})"]
+        return [f"local: one run at a time in this process, {_threads_text(todo)} per run ({why})"]
 
     def describe(self) -> dict:
-        import torch
-
-        return {"executor": "local", "threads": torch.get_num_threads()}
+        return {"executor": "local", "threads": self._threads}
 
     def close(self) -> None:
         pass
@@ -109,7 +109,6 @@ class LocalExecutor:
         done); nothing when False.  Every run passes the machine's timing gate
         (:mod:`bench.gate`).
         """
-        import torch
         from tqdm.auto import tqdm
 
         stream = sys.stderr if stream is None else stream
@@ -162,7 +161,7 @@ class LocalExecutor:
                 executor="local",
                 worker="local",
                 host=host,
-                packing=_label(cfg.device, 1, torch.get_num_threads()),
+                packing=_label(cfg.device, 1, cfg.threads),
             )
             on_result(cfg, row, history)
 
@@ -186,10 +185,10 @@ def _worker_gate():
 
 
 def run_on_worker(
-    cfg: RunConfig, data_dir, checkpoint_dir, threads: int = 1, packing: str | None = None
+    cfg: RunConfig, data_dir, checkpoint_dir, packing: str | None = None
 ) -> tuple[dict, list[dict]]:
-    """The Dask task of one run: :func:`bench.runner.run_one` with ``threads`` torch threads,
-    through the machine's timing gate (:mod:`bench.gate`).
+    """The Dask task of one run: :func:`bench.runner.run_one` (which sets the run's
+    ``cfg.threads`` torch threads) through the machine's timing gate (:mod:`bench.gate`).
 
     Parameters
     ----------
@@ -197,8 +196,6 @@ def run_on_worker(
         The run.
     data_dir, checkpoint_dir : str or None
         Absolute paths, valid on the worker.
-    threads : int
-        Torch threads of the run (one run per worker thread: N workers use N x threads cores).
     packing : str, optional
         The ``packing`` column (the driver's view of the cluster).
 
@@ -211,7 +208,6 @@ def run_on_worker(
     import torch
     from dask.distributed import get_worker
 
-    torch.set_num_threads(threads)
     row, history = run_gated(_worker_gate(), run_one, cfg, data_dir=data_dir, checkpoint_dir=checkpoint_dir)
     row.update(
         packing=packing,
@@ -285,7 +281,9 @@ class DaskExecutor:
         Start a ``LocalCluster`` of this many single-threaded worker processes (with
         :data:`DASK_WORKER_CONFIG`).
     threads : int, optional
-        Torch threads of each run (``--threads-per-run``; default 1).
+        The torch threads of the planned runs (``--threads-per-run``, default 1): the
+        ``OMP_NUM_THREADS`` of the workers started here (each run sets its own torch
+        threads, ``RunConfig.threads``).
 
     Raises
     ------
@@ -360,7 +358,7 @@ class DaskExecutor:
         how = "a LocalCluster started here" if self._cluster is not None else f"scheduler {self.scheduler}"
         lines = [
             f"dask: one task per run on {how}, {self._n_workers} workers at the start, "
-            f"{self.threads} torch thread{'s' * (self.threads != 1)} per run"
+            f"{_threads_text(todo, self.threads)} per run"
         ]
         try:
             trim = self.client.run(_worker_env, "MALLOC_TRIM_THRESHOLD_")
@@ -450,8 +448,7 @@ class DaskExecutor:
                 retries=1,
                 key=f"run-{cfg.run_id}-{self._token}",
                 resources={"GPU": 1} if cfg.device == "cuda" else None,
-                threads=self.threads,
-                packing=_label("dask", self._n_workers, self.threads),
+                packing=_label("dask", self._n_workers, cfg.threads),
             )
             futures.append(fut)
             cfg_of[fut.key] = cfg
@@ -477,9 +474,9 @@ class AutoExecutor:
 
     Parameters
     ----------
-    threads_per_run, workers, runs_per_gpu
-        As :func:`bench.packing.plan_packing` (``--threads-per-run``, ``--workers``,
-        ``--runs-per-gpu``).
+    workers, runs_per_gpu
+        As :func:`bench.packing.plan_packing` (``--workers``, ``--runs-per-gpu``); the threads
+        of each run are its configuration's (``RunConfig.threads``).
     machine : bench.packing.Machine, optional
         The machine's facts (default: :func:`bench.packing.this_machine`, measured in
         :meth:`plan`); tests pass fakes.
@@ -487,8 +484,8 @@ class AutoExecutor:
 
     name = "auto"
 
-    def __init__(self, threads_per_run=None, workers=None, runs_per_gpu="auto", machine=None) -> None:
-        self.threads_per_run, self.workers, self.runs_per_gpu = threads_per_run, workers, runs_per_gpu
+    def __init__(self, workers=None, runs_per_gpu="auto", machine=None) -> None:
+        self.workers, self.runs_per_gpu = workers, runs_per_gpu
         self.machine = machine
         self.packing = None
         self._inner = None  # the LocalExecutor when one worker is planned
@@ -503,7 +500,6 @@ class AutoExecutor:
             self.packing = plan_packing(
                 todo,
                 machine,
-                threads_per_run=self.threads_per_run,
                 workers=self.workers,
                 runs_per_gpu=self.runs_per_gpu,
             )
@@ -512,7 +508,7 @@ class AutoExecutor:
         lines = [f"executor auto: {line}" for line in self.packing.lines]
         slots = self.packing.slots
         if len(slots) == 1 and slots[0].kind == "cpu":
-            self._inner = LocalExecutor(threads=slots[0].threads, why="one worker: in this process")
+            self._inner = LocalExecutor(why="one worker: in this process")
             self._inner.plan(todo, data_dir)
             lines.append("executor auto: one worker, so the runs go one at a time in this process")
         elif slots:
@@ -578,9 +574,9 @@ def make_executor(
 ):
     """The executor called ``name``; raises ``bench.errors.UsageError`` on a bad combination."""
     if name == "auto":
-        return AutoExecutor(threads_per_run=threads_per_run, workers=workers, runs_per_gpu=runs_per_gpu)
+        return AutoExecutor(workers=workers, runs_per_gpu=runs_per_gpu)
     if name == "local":
-        return LocalExecutor(threads=threads_per_run)
+        return LocalExecutor()
     if name == "dask":
         return DaskExecutor(scheduler=scheduler, workers=workers, threads=threads_per_run)
     raise UsageError(f"unknown executor {name!r}; allowed: {', '.join(EXECUTORS)}")

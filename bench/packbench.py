@@ -7,13 +7,19 @@ Usage::
     python -m bench.packbench --repeats 3          # ABBA order over repeats
     python -m bench.packbench --grid quick         # the quick sweep's own grid (~30 min on 2 cores)
     python -m bench.packbench -- --methods lstm cd # after --: more bench.ablate flags for both sweeps
+    python -m bench.packbench --all-threads        # also one at a time with every core's thread
     nox -s packbench -- --repeats 3
 
 Each sweep is a fresh ``python -m bench.ablate`` process writing into its own temporary
 folder, timed from its start to its exit, worker start-up and data loading included:
 what a user waits for.  Repeats alternate the order (local first, then packed first, ...)
-so that a drift of the machine's speed does not favour one side.  The figure is the ratio
-of wall times, local / packed (> 1: packing is faster), per repeat and its median; the
+so that a drift of the machine's speed does not favour one side.  Both sides run the same
+configurations (one torch thread per run by default: ``RunConfig.threads``), so their runs
+have the same run_ids and bit-identical metrics, which the report checks: only the schedule
+differs.  The figure is the ratio of wall times, local / packed (> 1: packing is faster), per
+repeat and its median; ``--all-threads`` adds a third sweep, one at a time with
+``--threads-per-run`` = the physical cores: a *different configuration* (other run_ids, other
+metrics in the last digits), reported as such.  The
 process tree's CPU time and each run's whole-run training throughput are reported
 beside it.  Writes ``<out>/packbench.csv``, ``<out>/packbench.md`` and
 ``<out>/command.txt`` (the command, the machine and its load average before and after).
@@ -50,6 +56,8 @@ GRIDS = {
     "quick": _QUICK,
 }
 MODES = {"local": ["--executor", "local"], "packed": ["--executor", "auto"]}
+#: the columns that must be equal run by run between two sweeps of the same configurations
+SAME = ["status", "test_metric", "train_loss", "feasibility_raw", "feasibility_eff", "confusion"]
 #: the one-at-a-time side: ``local`` (today's default), or ``one-per-gpu`` (auto packing with one
 #: run per GPU: on a multi-GPU machine, the runs-per-GPU 1 against auto comparison)
 BASELINES = {"local": ["--executor", "local"], "one-per-gpu": ["--executor", "auto", "--runs-per-gpu", "1"]}
@@ -71,7 +79,7 @@ def _sweep(mode: str, flags: list[str], grid: list[str], extra: list[str], data_
         raise RuntimeError(f"{mode} sweep failed ({p.returncode}): {p.stderr[-2000:]}")
     runs = pd.read_csv(out / "runs.csv")
     sps = runs["n_train"] * runs["epochs"] / runs["train_s"]
-    return {
+    return runs, {
         "mode": mode,
         "wall_s": wall,
         "cpu_user_s": after.ru_utime - before.ru_utime,
@@ -79,10 +87,18 @@ def _sweep(mode: str, flags: list[str], grid: list[str], extra: list[str], data_
         "runs": len(runs),
         "ok": int((runs["status"] == "ok").sum()),
         "packing": ",".join(sorted(set(runs["packing"].astype(str)))) if "packing" in runs else "",
+        "threads": ",".join(map(str, sorted(set(runs["threads"])))) if "threads" in runs else "",
         "run_train_samples_per_s_median": float(sps.median()),
         "sum_train_s": float(runs["train_s"].sum()),
         "plan": next((ln.strip() for ln in p.stdout.splitlines() if "executor auto: cpu" in ln), ""),
     }
+
+
+def identical(a, b) -> bool:
+    """Whether two sweeps' runs.csv tables hold the same run_ids with equal :data:`SAME` columns."""
+    a, b = (t.set_index("run_id").sort_index() for t in (a, b))
+    cols = [c for c in SAME if c in a and c in b]
+    return list(a.index) == list(b.index) and a[cols].equals(b[cols])
 
 
 def _machine() -> list[str]:
@@ -109,6 +125,11 @@ def main(argv=None) -> int:
         default="local",
         help="the one-at-a-time side: local, or one-per-gpu (--executor auto --runs-per-gpu 1)",
     )
+    p.add_argument(
+        "--all-threads",
+        action="store_true",
+        help="also one at a time with --threads-per-run = the physical cores (a different configuration)",
+    )
     p.add_argument("--data-dir", default=None, help="MNIST root (default: $BENCH_DATA_DIR or ./data)")
     p.add_argument("--out", default="results/packbench", help="where the table goes")
     own, extra = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
@@ -119,32 +140,37 @@ def main(argv=None) -> int:
         return 2
     import pandas as pd
 
+    from .packing import physical_cores
+
     grid = GRIDS[args.grid]
+    flags_of = {"local": BASELINES[args.baseline], "packed": MODES["packed"]}
+    if args.all_threads:
+        flags_of["all-threads"] = ["--executor", "local", "--threads-per-run", str(physical_cores())]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     before = _machine()
     print("\n".join(before), flush=True)
-    rows = []
+    rows, same = [], []
     with tempfile.TemporaryDirectory(prefix="packbench-") as tmp:
         for r in range(args.repeats):
-            order = ["local", "packed"] if r % 2 == 0 else ["packed", "local"]
+            order = list(flags_of) if r % 2 == 0 else list(flags_of)[::-1]
+            tables = {}
             for mode in order:
                 work = Path(tmp) / f"r{r}"
-                flags = BASELINES[args.baseline] if mode == "local" else MODES[mode]
-                row = {
-                    "repeat": r,
-                    "first": order[0],
-                    **_sweep(mode, flags, grid, extra, args.data_dir, work),
-                }
+                tables[mode], measured = _sweep(mode, flags_of[mode], grid, extra, args.data_dir, work)
+                row = {"repeat": r, "first": order[0], **measured}
                 rows.append(row)
                 print(
                     f"repeat {r} {mode:>6}: {row['wall_s']:7.1f} s wall, CPU {row['cpu_user_s']:.0f} s user "
                     f"+ {row['cpu_sys_s']:.0f} s sys, {row['ok']}/{row['runs']} ok, packing {row['packing']}",
                     flush=True,
                 )
+            same.append(identical(tables["local"], tables["packed"]))
     df = pd.DataFrame(rows)
     wide = df.pivot(index="repeat", columns="mode", values="wall_s")
     wide["ratio_local_over_packed"] = wide["local"] / wide["packed"]
+    if args.all_threads:
+        wide["ratio_all_threads_over_packed"] = wide["all-threads"] / wide["packed"]
     after = _machine()
     command = "python -m bench.packbench " + shlex.join(argv)
     df.to_csv(out / "packbench.csv", index=False)
@@ -164,6 +190,24 @@ def main(argv=None) -> int:
         f"Median ratio over {len(wide)} repeat(s): **{ratio:.2f}x** (one at a time / packed; > 1: packing is "
         "faster).",
         "",
+        "Same configurations on both sides (threads per run: "
+        + ", ".join(
+            f"{m} {t}" for m, t in df.groupby("mode")["threads"].first().items() if m != "all-threads"
+        )
+        + "): run_ids and metric columns identical between one at a time and packed in "
+        f"{sum(same)} of {len(same)} repeat(s).",
+        "",
+        *(
+            [
+                f"With every thread (`--executor local --threads-per-run {physical_cores()}`, a different "
+                "configuration: other run_ids, other metrics in the last digits): median wall time "
+                f"{wide['all-threads'].median():.1f} s, "
+                f"{wide['ratio_all_threads_over_packed'].median():.2f}x the packed sweep's.",
+                "",
+            ]
+            if args.all_threads
+            else []
+        ),
         "| mode | packing | CPU user s | CPU sys s | median run training samples/s | sum of run training s |",
         "| --- | --- | --- | --- | --- | --- |",
         *(

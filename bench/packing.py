@@ -3,13 +3,16 @@ many threads, and why.
 
 A sweep's runs are independent, so a machine is best filled with several of them at once:
 
-* **CPU.**  One worker process per physical core, each run with one torch thread (or
-  ``--threads-per-run k``: one worker per k cores).  Small recurrent models scale better
-  across processes than across threads (an OpenMP fork and join around every small kernel,
-  and threads that spin waiting for each other when the machine is shared), so one-thread
-  runs side by side train more samples per second in total than one run with every thread
-  (measured: docs/perf.md).  With fewer runs than cores and no ``--threads-per-run``, the
-  spare cores become threads of the runs.
+* **CPU.**  One worker process per ``k`` physical cores, ``k`` being the runs' torch threads
+  (``RunConfig.threads``, ``--threads-per-run``, default 1: one worker per core).  The
+  threads are part of each run's configuration, fixed before it is planned: packing decides
+  only how many runs go side by side, so a run trains the same arithmetic packed or alone
+  (with fewer runs than cores the spare cores stay idle rather than becoming threads, which
+  made a resumed sweep's last lone run differ).  Small recurrent models scale better across
+  processes than across threads (an OpenMP fork and join around every small kernel, and
+  threads that spin waiting for each other when the machine is shared), so one-thread runs
+  side by side train more samples per second in total than one run with every thread
+  (measured: docs/perf.md).
 * **CUDA.**  A run of the notebook's model uses a few hundred MB of a device with tens of
   GB and leaves most of its compute idle, so ``--runs-per-gpu auto`` puts as many runs on
   each device as their *measured* memory allows (:func:`probe_cuda_memory`: peak reserved
@@ -176,11 +179,11 @@ def plan_packing(
     cfgs: Sequence,
     machine: Machine,
     *,
-    threads_per_run: int | None = None,
     workers: int | None = None,
     runs_per_gpu: int | str = "auto",
 ) -> Packing:
-    """The packing of the runs ``cfgs`` (objects with a ``device`` of ``cpu`` or ``cuda``).
+    """The packing of the runs ``cfgs`` (objects with a ``device`` of ``cpu`` or ``cuda`` and
+    ``threads``, their torch threads).
 
     Parameters
     ----------
@@ -188,8 +191,6 @@ def plan_packing(
         The runs still to do.
     machine : Machine
         The machine's facts (fakes in tests).
-    threads_per_run : int, optional
-        Torch threads per CPU run (default: 1, or more when there are fewer runs than cores).
     workers : int, optional
         CPU worker processes, overriding the count from the cores (``--workers``).
     runs_per_gpu : int or "auto"
@@ -203,10 +204,22 @@ def plan_packing(
     ------
     ValueError
         CUDA runs but no visible CUDA device, or a non-positive count.
+
+    Notes
+    -----
+    A slot's threads are the most threads any run of its device kind has (one value for every
+    run of a ``bench.ablate`` sweep: ``--threads-per-run``); each run sets its own
+    (:func:`bench.runner.run_one`), so the slots only size the worker count and
+    ``OMP_NUM_THREADS``.
     """
-    for name, v in (("threads_per_run", threads_per_run), ("workers", workers)):
-        if v is not None and v < 1:
-            raise ValueError(f"{name} must be a positive integer; got {v}")
+    threads: dict[str, int] = {}
+    bad = [workers] if workers is not None and workers < 1 else []
+    for c in cfgs:
+        kind, k = str(c.device).split(":")[0], int(getattr(c, "threads", 1))
+        threads[kind] = max(threads.get(kind, k), k)
+        bad += [k] if k < 1 else []
+    if bad:
+        raise ValueError(f"threads and workers must be positive integers; got {bad[0]}")
     if runs_per_gpu != "auto" and (not isinstance(runs_per_gpu, int) or runs_per_gpu < 1):
         raise ValueError(f"runs_per_gpu must be 'auto' or a positive integer; got {runs_per_gpu!r}")
     kinds = Counter(str(c.device).split(":")[0] for c in cfgs)
@@ -243,12 +256,14 @@ def plan_packing(
         else:
             r = runs_per_gpu
             why = f"--runs-per-gpu {runs_per_gpu}"
+        kc = threads["cuda"]
         for g in range(machine.gpus):
-            slots += [Slot(f"cuda:{g}", 1)] * r
+            slots += [Slot(f"cuda:{g}", kc)] * r
         gpu_slots = r * machine.gpus
-        labels["cuda"] = f"cuda {r}x1"
+        labels["cuda"] = f"cuda {r}x{kc}"
         lines.append(
-            f"cuda: {_plural(r, 'run')} per GPU x {_plural(machine.gpus, 'GPU')}, 1 torch thread each ({why})"
+            f"cuda: {_plural(r, 'run')} per GPU x {_plural(machine.gpus, 'GPU')}, "
+            f"{_plural(kc, 'torch thread')} each ({why})"
         )
 
     n_cpu = kinds.get("cpu", 0)
@@ -257,25 +272,21 @@ def plan_packing(
         free_note = f"{cpu_cores} of {cores} physical cores" if gpu_slots else f"{cores} physical cores"
         if gpu_slots and cores - gpu_slots < 1:
             free_note = f"{cores} physical cores, all driving GPU runs: oversubscribed"
+        k = threads["cpu"]
         if workers is not None:
             n = min(workers, n_cpu)
-            k = threads_per_run or max(1, cpu_cores // n)
-            why = f"--workers {workers}" + (
-                f", --threads-per-run {threads_per_run}" if threads_per_run else ""
-            )
-        elif threads_per_run is not None:
-            k = threads_per_run
+            why = f"--workers {workers}"
+        elif k > 1:
             n = max(1, min(cpu_cores // k, n_cpu))
             why = f"{free_note} / --threads-per-run {k}"
-        elif n_cpu < cpu_cores:
-            n, k = n_cpu, max(1, cpu_cores // n_cpu)
-            why = f"{free_note}, only {_plural(n_cpu, 'run')} to do: the spare cores become threads"
         else:
-            n, k = cpu_cores, 1
+            n = min(cpu_cores, n_cpu)
             why = (
                 f"{free_note}: one single-threaded run per core, which trains more samples per second "
                 f"in total than one run with every thread (docs/perf.md)"
             )
+            if n_cpu < cpu_cores:
+                why += f"; only {_plural(n_cpu, 'run')} to do (the threads are the runs' configuration)"
         if machine.memory is not None and machine.worker_memory and workers is None:
             fit = max(1, machine.memory // machine.worker_memory)
             if fit < n:

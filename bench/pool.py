@@ -11,7 +11,8 @@ local executor.  Each worker:
   mmap'd and unmapped at each step, measured 1.4-1.9x slower, docs/perf.md), with
   ``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS`` / ``OPENBLAS_NUM_THREADS`` set to its threads
   and, on a GPU slot, ``CUDA_VISIBLE_DEVICES`` set to its device, all before Python starts;
-* sets its torch threads before any computation;
+* sets its torch threads before any computation (and every run sets its own,
+  ``RunConfig.threads``: the slot's threads are the planned runs');
 * keeps the last task's data in memory (:func:`bench.runner.get_task`), and the driver
   hands out the runs grouped by their data, so a worker loads each task's data once;
 * passes the machine's timing gate (:mod:`bench.gate`) at every training step and holds it
@@ -241,7 +242,6 @@ def _failed_row(cfg, what: str, w: _Worker, packing) -> dict:
         "executor": "pool",
         "worker": w.name,
         "packing": packing.label(str(cfg.device)),
-        "threads": w.slot.threads,
     }
 
 

@@ -81,6 +81,8 @@ __all__ = [
     "make_steps",
     "make_train_step",
     "measure_throughput",
+    "normalized",
+    "resolved_fields",
     "run_one",
     "start_training",
     "train_epoch",
@@ -142,12 +144,14 @@ class RunConfig:
     init: str = cells.DEFAULT_INIT
     optimizer: str = "adam"
     nonlinearity: str = "tanh"  # the rnn cell's; other cells ignore it
+    threads: int = 1  # torch threads of the run (--threads-per-run), set by run_one on every executor
 
     #: Fields added after 0.1.0.  Each enters ``run_id`` only when it differs from its
     #: default, so the run_ids of results folders written before it existed stay valid: at
-    #: its default every such field trains exactly as 0.1.0 did (``val_size`` 0 is 0.1.0's
-    #: "no validation split"; logging, evaluation and the target change what is measured,
-    #: never the training).  A new field goes here, with a default that keeps that promise.
+    #: its default every such field but ``threads`` trains exactly as 0.1.0 did (``val_size``
+    #: 0 is 0.1.0's "no validation split"; logging, evaluation and the target change what is
+    #: measured, never the training).  A new field goes here, with a default that keeps that
+    #: promise.
     ADDED_FIELDS: ClassVar[frozenset[str]] = frozenset(
         {
             "val_size",
@@ -162,8 +166,13 @@ class RunConfig:
             "init",
             "optimizer",
             "nonlinearity",
+            "threads",
         }
     )
+    #: Added fields whose value a row written before them cannot know: ``threads`` is the one
+    #: whose default is not what 0.1.0 did (it ran with torch's default, every core), so
+    #: :func:`upgrade_row` keeps what a row recorded, or leaves it unknown; run_ids unchanged.
+    UNKNOWN_BEFORE: ClassVar[frozenset[str]] = frozenset({"threads"})
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "method", canonical(self.method))
@@ -229,7 +238,6 @@ PROVENANCE_COLUMNS = [
     "torch_version",
     "git_commit",
     "packing",  # how the run was packed: "cpu 2x1" = 2 concurrent runs x 1 torch thread (bench.packing)
-    "threads",  # torch threads of the run's process
     "timing_exclusive",  # True: the throughput columns were measured holding the machine's timing gate
 ]
 #: every column of runs.csv; the test confusion matrix (JSON) comes last, being the widest
@@ -275,12 +283,21 @@ def upgrade_row(row: dict) -> dict:
     :attr:`RunConfig.ADDED_FIELDS` that the row lacks or leaves empty at its default (what the
     run used: the field did not exist).  The run_id is unchanged (:attr:`RunConfig.run_id` hashes
     exactly what 0.1.0 hashed for such a run), so resuming an old folder matches its rows.
-    Returns a new dict; ``row`` is not modified.
+
+    ``threads`` (:attr:`RunConfig.UNKNOWN_BEFORE`) is not filled: before it was part of the
+    configuration it was the provenance column of the run's torch threads, so a row that
+    recorded one (e.g. 2 from the local executor) keeps it as its configuration, which is how it
+    trained, and a row without one (0.1.0: torch's default, every core) keeps it empty, unknown.
+    Either way the row forms its own configuration in the statistics, apart from the 1-thread
+    runs, and ``bench.ablate`` says so when such a row stands for a planned run (it keeps it,
+    ``--force`` retrains it).  Returns a new dict; ``row`` is not modified.
     """
     out = dict(row)
     if out.get("method"):
         out["method"] = canonical(out["method"])
     for f in fields(RunConfig):
+        if f.name in RunConfig.UNKNOWN_BEFORE:
+            continue
         if f.name in RunConfig.ADDED_FIELDS and out.get(f.name) in (None, ""):
             out[f.name] = f.default
     return out
@@ -709,8 +726,7 @@ class Training:
 
     @property
     def steps_per_epoch(self) -> int:
-        t = self.task
-        return math.ceil(t.n_train / self.cfg.batch_size) if t.train is not None else t.batches_per_epoch
+        return steps_per_epoch(self.cfg, self.task)
 
     @property
     def total_steps(self) -> int:
@@ -729,6 +745,51 @@ class Training:
         """Whether the validation metric is computed after step ``step``: every ``eval_every``
         steps and at the last one, when the task has a validation set."""
         return self.task.val is not None and (step % self.eval_every == 0 or step == self.total_steps)
+
+
+def steps_per_epoch(cfg: RunConfig, task: Task) -> int:
+    """Optimiser steps per epoch of ``cfg`` on ``task`` (generated tasks: their batches per epoch)."""
+    return math.ceil(task.n_train / cfg.batch_size) if task.train is not None else task.batches_per_epoch
+
+
+def resolved_fields(cfg: RunConfig, task: Task) -> dict:
+    """The configuration columns of a run's row that are resolved from its task.
+
+    ``seq_len`` and ``val_size`` (the task's), ``log_every`` and ``eval_every`` (automatic ones
+    computed by :func:`logging_intervals`).  :func:`run_one` writes them into every row it
+    returns, whatever the status, and ``bench.ablate`` into the row of a run whose worker died,
+    so a failed run stays in its configuration (statistics group rows by these columns).
+
+    Returns
+    -------
+    dict
+        ``{"seq_len": int, "val_size": int, "log_every": int, "eval_every": int}``.
+    """
+    log_every, eval_every = logging_intervals(cfg, steps_per_epoch(cfg, task))
+    return {"seq_len": task.seq_len, "val_size": task.n_val, "log_every": log_every, "eval_every": eval_every}
+
+
+def normalized(cfg: RunConfig, task: Task) -> RunConfig:
+    """``cfg`` with every given value that changes nothing made automatic (None) again.
+
+    ``log_every`` / ``eval_every`` equal to their automatic value (:func:`logging_intervals`) and
+    ``target`` equal to the task's for the profile (:func:`target_value`); without a validation
+    set, ``eval_every`` and ``target`` whatever their value (nothing is evaluated).  The run then
+    trains and records exactly what the automatic one does, and has its run_id: giving the
+    values a first run resolved (its row's columns) plans that run again, and resume skips it.
+    ``bench.ablate`` normalises every planned run.
+    """
+    auto = dataclasses.replace(cfg, log_every=None, eval_every=None, target=None)
+    log_auto, eval_auto = logging_intervals(auto, steps_per_epoch(cfg, task))
+    no_val = task.val is None
+    changes = {}
+    if cfg.log_every is not None and cfg.log_every == log_auto:
+        changes["log_every"] = None
+    if cfg.eval_every is not None and (no_val or cfg.eval_every == eval_auto):
+        changes["eval_every"] = None
+    if cfg.target is not None and (no_val or float(cfg.target) == target_value(auto, task)):
+        changes["target"] = None
+    return dataclasses.replace(cfg, **changes) if changes else cfg
 
 
 def logging_intervals(cfg: RunConfig, steps_per_epoch: int) -> tuple[int, int]:
@@ -1113,8 +1174,10 @@ def run_one(
     ``checkpoint_dir``: when given, the state after each epoch is saved there and an
     interrupted run continues from its last checkpoint (see :class:`Checkpoint`).
 
-    The configuration columns ``val_size``, ``log_every`` and ``eval_every`` of the row hold
-    the values the run used (the task's and automatic ones resolved), as ``seq_len`` does;
+    The run uses ``cfg.threads`` torch threads (set here, the caller's count restored after),
+    so its arithmetic is the same whichever executor, packing or process runs it.
+    The configuration columns ``val_size``, ``log_every``, ``eval_every`` and ``seq_len`` of the
+    row hold the values the run used (:func:`resolved_fields`), whatever its status;
     ``run_id`` is the configuration's as given.
     ``timing_lock``: optional context-manager factory held around the throughput
     measurement (:meth:`bench.gate.TimingGate.exclusive`: no neighbour computes meanwhile);
@@ -1122,21 +1185,15 @@ def run_one(
     """
     t_start = time.perf_counter()
     row = {**asdict(cfg), "run_id": cfg.run_id, "status": "ok", "error": "", "diverged_epoch": None}
-    row["threads"] = torch.get_num_threads()
     tr = None
+    threads_before = torch.get_num_threads()
     try:
+        torch.set_num_threads(cfg.threads)  # part of the configuration: never the executor's choice
         task = get_task(cfg, data_dir)
-        row.update(
-            metric=task.metric,
-            baseline=task.baseline,
-            n_train=task.n_train,
-            n_test=task.n_test,
-            seq_len=task.seq_len,
-            val_size=task.n_val,
-        )
+        row.update(metric=task.metric, baseline=task.baseline, n_train=task.n_train, n_test=task.n_test)
+        row.update(resolved_fields(cfg, task), target_value=target_value(cfg, task))
         measure.reset_peak_memory(cfg.device)
         tr = start_training(cfg, task)
-        row.update(log_every=tr.log_every, eval_every=tr.eval_every, target_value=target_value(cfg, task))
         row["param_count"] = sum(p.numel() for p in tr.model.parameters())
         ckpt = Checkpoint(checkpoint_dir, cfg) if checkpoint_dir else None
         if ckpt is not None and ckpt.load(tr):
@@ -1169,5 +1226,7 @@ def run_one(
         if isinstance(exc, torch.cuda.OutOfMemoryError):
             torch.cuda.empty_cache()
         row.update(status="failed", error=f"{type(exc).__name__}: {exc}".replace("\n", " ")[:500])
+    finally:
+        torch.set_num_threads(threads_before)
     row["wall_s"] = time.perf_counter() - t_start
     return row, (tr.history if tr is not None else [])

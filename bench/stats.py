@@ -7,8 +7,11 @@ Conventions
 -----------
 * A *configuration* is a run's configuration columns (:data:`CONFIG_COLUMNS` present in the
   table) except ``seed``: the runs of one configuration differ only in their seed.
-* Only runs with ``status == "ok"`` enter a statistic; ``n_runs`` counts every run of the
-  configuration so that failures stay visible.
+* Only runs with ``status == "ok"`` enter a statistic; ``n_runs`` counts every seed of the
+  configuration, whatever its status, so that failures stay visible.
+* A statistic counts distinct seeds: several rows of one configuration and seed (the same
+  training recorded under several run_ids, e.g. by a version whose run_id told a given
+  ``--log-every`` from the automatic one) count once (:func:`distinct_seeds`), with a note.
 * 95% intervals are Student-t intervals of a mean; with one value no interval exists and
   the interval columns are empty (NaN) with a note saying so.  Nothing is ever filled in.
 * Old CSVs lack some columns: a quantity whose column is absent (or empty) is skipped.
@@ -56,6 +59,7 @@ CONFIG_COLUMNS = (
     "log_every",
     "eval_every",
     "perf_iters",
+    "threads",
 )
 #: Columns that only some methods use: ignored when pairing with the unconstrained baseline.
 METHOD_SPECIFIC = ("method", "penalty_param", "granularity", "lr_constrained")
@@ -80,6 +84,8 @@ UNCONSTRAINED = ("unconstrained", "lstm")
 #: Smallest number of pairs for which :func:`paired_test` uses the Wilcoxon signed-rank test.
 WILCOXON_MIN_N = 6
 NO_INTERVAL = "n = 1: no interval"
+#: note of an estimate some of whose seeds had several rows (:func:`distinct_seeds`)
+DUPLICATES = "{} duplicate row(s) of a seed counted once"
 
 
 def config_columns(runs: pd.DataFrame, without=("seed",)) -> list[str]:
@@ -93,6 +99,48 @@ def config_columns(runs: pd.DataFrame, without=("seed",)) -> list[str]:
         Columns to leave out (default: ``seed``, so that the result identifies a configuration).
     """
     return [c for c in CONFIG_COLUMNS if c in runs.columns and c not in without]
+
+
+def distinct_seeds(runs: pd.DataFrame) -> pd.DataFrame:
+    """One row per configuration and seed: duplicates never make an interval or a test.
+
+    Rows equal in every configuration column, the seed included (:func:`config_columns` with
+    ``without=()``), are one training (every run of a seed starts from the same weights and
+    sees the same batches), however many run_ids recorded it.  The row kept is an ok one when
+    there is one, then the one with the smallest ``run_id`` (deterministic).
+
+    Parameters
+    ----------
+    runs : DataFrame
+        Rows of runs.csv.
+
+    Returns
+    -------
+    DataFrame
+        The kept rows, in their original order, with an int column ``_duplicates``: how many
+        rows of that configuration and seed were dropped (0 for most).
+    """
+    keys = config_columns(runs, without=())
+    if runs.empty or not keys:
+        return runs.assign(_duplicates=0)
+    order = pd.DataFrame(
+        {
+            "_not_ok": (runs["status"] != "ok") if "status" in runs else False,
+            "_rid": runs["run_id"].astype(str) if "run_id" in runs else "",
+        },
+        index=runs.index,
+    ).sort_values(["_not_ok", "_rid"], kind="stable")
+    ranked = runs.loc[order.index]
+    cid = config_id(ranked, keys)
+    kept = ranked[~cid.duplicated()]
+    counts = cid.value_counts()
+    return kept.assign(_duplicates=(config_id(kept, keys).map(counts) - 1).astype(int)).sort_index()
+
+
+def _duplicates_note(g: pd.DataFrame, note: str = "") -> str:
+    """``note``, with :data:`DUPLICATES` appended when rows of ``g`` stood for several rows."""
+    n = sum(int(g[c].sum()) for c in ("_duplicates", "_duplicates_base") if c in g)
+    return "; ".join(x for x in (note, DUPLICATES.format(n) if n else "") if x)
 
 
 def default_baseline(runs: pd.DataFrame) -> str | None:
@@ -209,12 +257,14 @@ def stats_table(runs: pd.DataFrame, confidence: float = 0.95) -> pd.DataFrame:
         quantity has no row for it.
     """
     keys = config_columns(runs)
+    runs = distinct_seeds(runs)
     rows = []
     for key, g in _groups(runs, keys):
         ok = _ok(g)
         for q in _present(runs, QUANTITIES):
             est = mean_ci(ok[q], confidence)
             if est["n"]:
+                est["note"] = _duplicates_note(ok[ok[q].notna()], est["note"])
                 rows.append(
                     {"kind": "mean", "quantity": q, **key, "metric": _metric(g), "n_runs": len(g), **est}
                 )
@@ -252,7 +302,7 @@ def pair_runs(runs: pd.DataFrame, baseline: str, match=()) -> pd.DataFrame:
     """
     ignored = set(METHOD_SPECIFIC) - set(match) | set(BOOKKEEPING) | {"method"}
     on = [c for c in config_columns(runs, without=()) if c not in ignored]
-    ok = _ok(runs)
+    ok = _ok(distinct_seeds(runs))
     base = ok[ok["method"] == baseline]
     other = ok[ok["method"] != baseline]
     if base.empty or other.empty:
@@ -360,11 +410,12 @@ def paired_table(
         return pd.DataFrame()
     pairs = pairs[pairs[quantity].notna() & pairs[f"{quantity}_base"].notna()]
     keys = config_columns(runs)
-    n_runs = config_id(runs, keys).value_counts()
+    n_runs = config_id(distinct_seeds(runs), keys).value_counts()
     rows = []
     for key, g in _groups(pairs, keys):
         d = g[quantity] - g[f"{quantity}_base"]
         est = mean_ci(d, confidence)
+        est["note"] = _duplicates_note(g, est["note"])
         test, stat, p = paired_test(d)
         rows.append(
             {
@@ -427,7 +478,7 @@ def ratio_table(
     baseline = baseline or default_baseline(runs)
     if baseline is None or quantity not in runs:
         return pd.DataFrame()
-    ok = _ok(runs)
+    ok = _ok(distinct_seeds(runs))
     own = ok[ok["method"] == baseline].assign(**{f"{quantity}_base": lambda d: d[quantity]})
     pairs = pd.concat([pair_runs(runs, baseline), own], ignore_index=True)
     if pairs.empty:

@@ -65,11 +65,11 @@ def test_dask_sweep_on_local_cluster_matches_local_executor(tmp_path, mnist_dir)
     dask = _start(
         [*grid, "--executor", "dask", "--workers", "2", "--out", tmp_path / "dask"], tmp_path / "dask.log"
     )
-    # meanwhile the local sweep here, with one torch thread like the Dask workers (their
-    # OMP_NUM_THREADS=1 and torch.set_num_threads(1) in the task): with two threads the
-    # sums run in another order and feasibility differs by ~1e-8
+    # meanwhile the local sweep here, in a process with two torch threads: each run has its
+    # configuration's one thread (RunConfig.threads) on both executors, so the sums run in the
+    # same order (issue 21: the process's count used to be the run's, and feasibility differed)
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(2)
     try:
         assert ablate.main([*grid, "--executor", "local", "--out", str(tmp_path / "local")]) == 0
     finally:

@@ -22,10 +22,11 @@ from bench.pool import REMOVED_ENV, worker_env
 @dataclass(frozen=True)
 class Run:
     device: str = "cpu"
+    threads: int = 1
 
 
-def cpu(n):
-    return [Run("cpu")] * n
+def cpu(n, threads=1):
+    return [Run("cpu", threads)] * n
 
 
 def cuda(n):
@@ -48,20 +49,21 @@ def test_cpu_one_single_threaded_run_per_physical_core():
 
 
 @pytest.mark.parametrize(
-    "runs,cores,kw,label",
+    "runs,cores,threads,kw,label",
     [
-        (3, 8, {}, "cpu 3x2"),  # fewer runs than cores: spare cores become threads (8 // 3 = 2)
-        (1, 2, {}, "cpu 1x2"),  # one run: all the cores, as the local executor
-        (1, 1, {}, "cpu 1x1"),
-        (10, 8, {"threads_per_run": 2}, "cpu 4x2"),
-        (10, 8, {"threads_per_run": 16}, "cpu 1x16"),  # more threads than cores: one worker
-        (2, 8, {"threads_per_run": 1}, "cpu 2x1"),  # never more workers than runs
-        (10, 8, {"workers": 3}, "cpu 3x2"),  # --workers: the cores are shared among them
-        (10, 2, {"workers": 4, "threads_per_run": 1}, "cpu 4x1"),  # oversubscription, when asked
+        # the threads are the runs' configuration: spare cores never become threads (issue 21)
+        (3, 8, 1, {}, "cpu 3x1"),
+        (1, 2, 1, {}, "cpu 1x1"),  # one run: one thread, as it has packed or resumed
+        (1, 1, 1, {}, "cpu 1x1"),
+        (10, 8, 2, {}, "cpu 4x2"),
+        (10, 8, 16, {}, "cpu 1x16"),  # more threads than cores: one worker
+        (2, 8, 1, {}, "cpu 2x1"),  # never more workers than runs
+        (10, 8, 1, {"workers": 3}, "cpu 3x1"),  # --workers: the runs keep their threads
+        (10, 2, 1, {"workers": 4}, "cpu 4x1"),  # oversubscription, when asked
     ],
 )
-def test_cpu_sizes(runs, cores, kw, label):
-    p = plan_packing(cpu(runs), Machine(cores=cores), **kw)
+def test_cpu_sizes(runs, cores, threads, kw, label):
+    p = plan_packing(cpu(runs, threads), Machine(cores=cores), **kw)
     assert p.labels["cpu"] == label
     n, k = map(int, label.split()[1].split("x"))
     assert len(p.slots) == n and all(s.threads == k for s in p.slots)
@@ -74,7 +76,7 @@ def test_cpu_workers_capped_by_measured_memory():
     assert p.labels["cpu"] == "cpu 2x1"
     assert "capped at 2 by memory (3.0 GiB available, 1.50 GiB per worker measured)" in p.lines[0]
     # --workers is the user's call: no cap
-    assert plan_packing(cpu(20), m, workers=5).labels["cpu"] == "cpu 5x3"
+    assert plan_packing(cpu(20), m, workers=5).labels["cpu"] == "cpu 5x1"
 
 
 def fake_gpus(n, free, run_peak, context, total=80 * GiB):
@@ -134,8 +136,8 @@ def test_bad_plans_are_refused():
         plan_packing(cuda(1), Machine(cores=2, gpus=0))
     with pytest.raises(ValueError, match="runs_per_gpu must be 'auto' or a positive integer; got 0"):
         plan_packing(cuda(1), Machine(cores=2, gpus=1), runs_per_gpu=0)
-    with pytest.raises(ValueError, match="threads_per_run must be a positive integer"):
-        plan_packing(cpu(1), Machine(cores=2), threads_per_run=0)
+    with pytest.raises(ValueError, match="threads and workers must be positive integers; got 0"):
+        plan_packing(cpu(1, threads=0), Machine(cores=2))
     assert plan_packing([], Machine(cores=2)).slots == []
 
 

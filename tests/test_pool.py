@@ -2,10 +2,9 @@
 a one-at-a-time sweep writes, keep every run's timing to itself, and resume after a kill
 as the local executor does.
 
-Both sides run with one torch thread (the conftest's ``OMP_NUM_THREADS=1`` here, one thread
-per worker there), so the metrics must match exactly: the same arithmetic in the same order.
-With k threads on one side and j on the other, sums run in another order and loss and
-feasibility differ around the 8th significant digit (tests/test_dask.py measures ~1e-8).
+Both sides run each run with its configuration's torch threads (``RunConfig.threads``, 1
+here), so the metrics must match exactly: the same arithmetic in the same order (every
+executor and a resumed sweep: tests/test_determinism.py).
 
 Faults are injected with ``CDBENCH_WORKER_HOOK`` (tests/hooks/pool_hooks.py) at fixed
 points of the dispatch order, never by timing; the timing gate's own tests are in
@@ -244,7 +243,16 @@ def test_killed_packed_sweep_resumes_as_the_local_executor_does(tmp_path, monkey
 def test_packbench_runs_and_reports_the_ratio(tmp_path):
     """The benchmark itself (not a timed test): both sweeps run, the table has a ratio."""
     p = subprocess.run(  # the digits grid's flags come after the quick grid's: the last flag wins
-        [sys.executable, "-m", "bench.packbench", "--out", str(tmp_path / "pb"), "--", *GRID],
+        [
+            sys.executable,
+            "-m",
+            "bench.packbench",
+            "--all-threads",
+            "--out",
+            str(tmp_path / "pb"),
+            "--",
+            *GRID,
+        ],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -252,12 +260,16 @@ def test_packbench_runs_and_reports_the_ratio(tmp_path):
     )
     assert p.returncode == 0, p.stderr[-3000:]
     table = pd.read_csv(tmp_path / "pb" / "packbench.csv")
-    assert sorted(table["mode"]) == ["local", "packed"] and (table["ok"] == 4).all()
+    assert sorted(table["mode"]) == ["all-threads", "local", "packed"] and (table["ok"] == 4).all()
     packing = table.set_index("mode")["packing"]
-    assert packing["local"] == "cpu 1x1" and packing["packed"].startswith("cpu ")  # OMP_NUM_THREADS=1
+    assert packing["local"] == "cpu 1x1" and packing["packed"].startswith("cpu ")
     md = (tmp_path / "pb" / "packbench.md").read_text()
     assert "Median ratio over 1 repeat(s): **" in md
-    assert (tmp_path / "pb" / "command.txt").read_text().startswith("python -m bench.packbench --out ")
+    # the same configurations on both sides (one thread per run): the same runs, bit for bit
+    assert "metric columns identical between one at a time and packed in 1 of 1 repeat(s)" in md
+    assert "a different configuration" in md
+    command = (tmp_path / "pb" / "command.txt").read_text()
+    assert command.startswith("python -m bench.packbench --all-threads --out ")
 
 
 @pytest.mark.slow(reason="three worker processes that fail to start, each importing torch first: 10-30 s")
