@@ -232,7 +232,7 @@ class TimingGate:
             waited = time.monotonic() - start
             if waited >= self.timeout_s:
                 _say(
-                    f"timing gate {self.folder}: {name} still held by {_holders(path)} after {waited:.0f} s: "
+                    f"timing gate {self.folder}: {name} still held by {_holders(path)} after {waited:.1f} s: "
                     "going on without the gate (timings not exclusive, timing_exclusive False) until "
                     "it is free"
                 )
@@ -241,8 +241,8 @@ class TimingGate:
             if not noticed and waited >= self.notice_s:
                 noticed = True
                 _say(
-                    f"timing gate {self.folder}: waiting {waited:.0f} s for {name}, held by {_holders(path)} "
-                    f"(a stopped sweep? going on without the gate after {self.timeout_s:.0f} s, "
+                    f"timing gate {self.folder}: waiting {waited:.1f} s for {name}, held by {_holders(path)} "
+                    f"(a stopped sweep? going on without the gate after {self.timeout_s:g} s, "
                     "CDBENCH_GATE_TIMEOUT_S)"
                 )
 
