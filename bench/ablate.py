@@ -32,6 +32,8 @@ from pathlib import Path
 
 import torch
 
+from cdcore import support
+
 from .cells import CELLS, DEFAULT_CELL, DEFAULT_INIT, GATES, INITS, MODRELU, NONLINEARITIES
 from .cli import Parser, choice, number
 from .errors import DataError, FolderBusy, UsageError
@@ -431,7 +433,10 @@ def _with_recipe(plan: list[RunConfig], args) -> list[RunConfig]:
     Raises
     ------
     UsageError
-        ``--amp fp16`` with a device other than cuda in the plan.
+        ``--amp fp16`` with a device other than cuda in the plan; ``--amp bf16`` with a cell whose
+        plain ``torch.nn`` module cannot run bf16 autocast on this CPU
+        (:func:`cdcore.support.autocast_unsupported`: oneDNN has no bf16 LSTM primitive on an
+        AVX2-only CPU) and a cpu run in the plan.
     """
     amps = args.amp or ["off"]
     if "fp16" in amps and any(c.device != "cuda" for c in plan):
@@ -440,6 +445,15 @@ def _with_recipe(plan: list[RunConfig], args) -> list[RunConfig]:
             f"--amp fp16 needs --device cuda (float16 training uses a CUDA GradScaler); the plan has "
             f"device {', '.join(devices)}; allowed there: off, bf16"
         )
+    remote = args.executor == "dask" and args.scheduler  # runs on the workers' CPUs, not this one
+    if "bf16" in amps and not remote:
+        # the nn module a cell runs (modrelu: a Python loop of plain ops, no fused kernel)
+        for cell in sorted({c.cell for c in plan if c.device == "cpu" and c.nonlinearity != MODRELU}):
+            reason = support.autocast_unsupported(cell, "cpu", torch.bfloat16)
+            if reason:
+                raise UsageError(
+                    f"--amp bf16 with --cell {cell} on this CPU: {reason}; allowed here: --amp off"
+                )
     single = {
         "log_every": args.log_every,
         "eval_every": args.eval_every,

@@ -791,8 +791,18 @@ def make_all(folder) -> list[str]:
     return images
 
 
+USAGE = (
+    "usage: python -m bench.plot FOLDER\n\n"
+    "Writes stats.csv, summary.md and the plots of the sweep in FOLDER (a bench.ablate --out\n"
+    "folder holding runs.csv) into FOLDER."
+)
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0
     if len(argv) != 1 or not (Path(argv[0]) / "runs.csv").is_file():
         got = argv[0] if argv else "nothing"
         print(f"bench.plot: error: expected one folder holding runs.csv; got {got!r}", file=sys.stderr)

@@ -193,3 +193,98 @@ def test_gate_folder_is_private_and_configurable(tmp_path, monkeypatch):
     g.close()
     monkeypatch.delenv("CDBENCH_LOCK_DIR")
     assert gate_dir().name == f"cdbench-{os.getuid()}"
+
+
+# -- bounded waits, the folder's owner (issue 21 item 9) ------------------------------------------
+def _holder(folder):
+    """A process holding the gate ``folder`` exclusively (a stopped sweep) until killed."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from bench.gate import TimingGate; g = TimingGate(sys.argv[1]); "
+        "cm = g.exclusive(); cm.__enter__(); print('in', flush=True); sys.stdin.read()"
+    )
+    p = subprocess.Popen(
+        [sys.executable, "-c", code, str(folder)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    assert p.stdout.readline().strip() == "in"
+    return p
+
+
+def test_a_wait_held_by_another_process_gives_up_with_one_line_naming_folder_and_holder(tmp_path, capsys):
+    from bench.gate import run_gated
+
+    p = _holder(tmp_path)
+    try:
+        g = TimingGate(tmp_path, notice_s=0.05, timeout_s=0.3)
+
+        def run(cfg, progress=None, timing_lock=None):
+            with timing_lock():
+                pass
+            progress(1, 1, 0)
+            return {"timing_exclusive": True}, []
+
+        row, _ = run_gated(g, run, None)
+        err = capsys.readouterr().err.splitlines()
+        assert row["timing_exclusive"] is False  # the measurement was not alone: recorded as such
+        assert any("waiting" in line for line in err)  # the notice, before giving up
+        gave_up = [line for line in err if "still held by" in line]
+        assert len(gave_up) == 1 and str(tmp_path) in gave_up[0] and f"pid {p.pid}" in gave_up[0]
+        assert "bench.gate" in gave_up[0]  # its command, from /proc
+        # while the holder still holds it, the handle only tries: no second wait, no new line
+        run_gated(g, run, None)
+        assert capsys.readouterr().err == ""
+        g.close()
+    finally:
+        p.kill()
+        p.wait()
+    g = TimingGate(tmp_path, timeout_s=5)
+    with g.exclusive() as alone:
+        assert alone is True  # free again: exclusive again
+    g.close()
+
+
+@pytest.mark.parametrize("mode, who", [(0o770, "its group"), (0o707, "others")])
+def test_a_gate_folder_writable_by_others_is_refused_with_one_line(tmp_path, monkeypatch, capsys, mode, who):
+    from bench.gate import GateRefused
+
+    folder = tmp_path / "locks"
+    folder.mkdir()
+    folder.chmod(mode)
+    with pytest.raises(GateRefused, match=f"writable by {who}"):
+        TimingGate(folder)
+    monkeypatch.setenv("CDBENCH_LOCK_DIR", str(folder))
+    assert machine_gate() is None
+    err = capsys.readouterr().err
+    assert (
+        err.count("\n") == 1 and str(folder) in err and "refused" in err and "timing_exclusive False" in err
+    )
+
+
+def test_a_gate_folder_of_another_user_is_refused(tmp_path, monkeypatch):
+    from bench.gate import GateRefused
+
+    monkeypatch.setattr(os, "getuid", lambda: os.stat(tmp_path).st_uid + 1)
+    with pytest.raises(GateRefused, match="owned by uid"):
+        TimingGate(tmp_path)
+
+
+def test_lock_files_that_cannot_be_opened_are_noted_in_one_line(tmp_path, monkeypatch, capsys):
+    real_open = os.open
+
+    def deny(path, *a, **kw):
+        if str(path).endswith("timing.work"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *a, **kw)
+
+    monkeypatch.setenv("CDBENCH_LOCK_DIR", str(tmp_path))
+    monkeypatch.setattr(os, "open", deny)
+    assert machine_gate() is None
+    err = capsys.readouterr().err
+    assert (
+        err.count("\n") == 1
+        and str(tmp_path) in err
+        and "Permission denied" in err
+        and "not exclusive" in err
+    )

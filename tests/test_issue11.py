@@ -11,6 +11,11 @@ from torch import nn
 
 import cdcore
 from cdcore import optim, stiefel
+from cdcore.support import autocast_unsupported
+
+#: why this platform's own nn.LSTM cannot run bf16 autocast (None: it can); the contract test
+#: where it cannot is in tests/test_rnn_amp.py (the Stiefel module runs where the plain one does)
+NO_BF16_LSTM = autocast_unsupported("lstm", "cpu", torch.bfloat16)
 
 
 @pytest.fixture
@@ -94,6 +99,7 @@ def _lstm_holding_A_of(m, W):
 
 
 # -- 3. mixed precision --------------------------------------------------------------------------
+@pytest.mark.skipif(bool(NO_BF16_LSTM), reason=str(NO_BF16_LSTM))
 def test_case_3_bf16_autocast_backward(m, x):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = m(x)[0].float().square().mean() + cdcore.quad_penalty(m)
@@ -101,6 +107,7 @@ def test_case_3_bf16_autocast_backward(m, x):
     assert all(p.grad.dtype == torch.float32 for p in m.parameters())
 
 
+@pytest.mark.skipif(bool(NO_BF16_LSTM), reason=str(NO_BF16_LSTM))
 def test_case_3_no_grad_autocast_forward_then_float32_forward(m, x):
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         m(x)

@@ -239,3 +239,13 @@ def test_cli_refuses_an_empty_runs_csv(tmp_path, capsys):
     assert plot.main([str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("bench.plot: error:") and "runs.csv" in err
+
+
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_help_prints_usage_and_exits_0(flag, capsys, tmp_path, monkeypatch):
+    """``python -m bench.plot --help`` (issue 21 item 11): usage on stdout, exit 0, nothing written."""
+    monkeypatch.chdir(tmp_path)
+    assert plot.main([flag]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("usage: python -m bench.plot FOLDER") and err == ""
+    assert list(tmp_path.iterdir()) == []

@@ -7,10 +7,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from bench import ablate, plot
 from bench.executors import LocalExecutor
 from bench.runner import RunConfig
+from cdcore import support
 
 DIGITS = ["--task", "digits", "--profile", "smoke", "--no-progress", "--executor", "local"]
 TINY = [*DIGITS, "--no-plots", "--epochs", "1", "--train-subset", "256", "--hidden", "8"]
@@ -139,8 +141,23 @@ def test_bad_recipe_flags_are_one_line_exit_2_and_write_nothing(args, message, t
 
 
 def test_recipe_flags_reach_the_runs_and_multiply_the_grid(tmp_path):
+    # the lstm cell where this platform's nn.LSTM runs bf16 autocast, else gru (such a plan is
+    # refused: the test below)
+    cell = "lstm" if support.autocast_unsupported("lstm", "cpu", torch.bfloat16) is None else "gru"
     out = tmp_path / "o"
-    args = [*TINY, "--methods", "lstm", "--schedule", "constant", "onecycle", "--clip", 1, "--weight-decay"]
+    args = [
+        *TINY,
+        "--methods",
+        "lstm",
+        "--cell",
+        cell,
+        "--schedule",
+        "constant",
+        "onecycle",
+        "--clip",
+        1,
+        "--weight-decay",
+    ]
     assert sweep(*args, 0, 1e-3, "--amp", "bf16", "--val-size", 100, "--log-every", 2, "--out", out) == 0
     runs = pd.read_csv(out / "runs.csv")
     assert len(runs) == 4 and runs["run_id"].is_unique and (runs["status"] == "ok").all()
@@ -153,6 +170,48 @@ def test_recipe_flags_reach_the_runs_and_multiply_the_grid(tmp_path):
     assert (runs["clip"] == 1.0).all() and (runs["amp"] == "bf16").all()
     assert (runs["val_size"] == 100).all() and (runs["log_every"] == 2).all()
     assert (runs["n_train"] == 256).all()  # train_subset after the 100 held out
+
+
+def test_amp_bf16_is_refused_at_planning_where_the_platform_nn_module_cannot_run_it(tmp_path, capsys):
+    """On every CPU: ``--amp bf16`` with the lstm cell plans where this platform's own nn.LSTM runs
+    bf16 autocast, and is refused with one line naming the reason (exit 2, nothing written)
+    where it cannot (an AVX2-only CPU; CI caps oneDNN to see it: .ci/run)."""
+    out = tmp_path / "o"
+    reason = support.autocast_unsupported("lstm", "cpu", torch.bfloat16)
+    code = sweep(*TINY, "--methods", "lstm", "--amp", "bf16", "--dry-run", "--out", out)
+    err = capsys.readouterr().err
+    if reason is None:
+        assert code == 0 and err == ""
+    else:
+        assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
+        assert f"--amp bf16 with --cell lstm on this CPU: {reason}; allowed here: --amp off" in err
+    assert not out.exists()
+
+
+def test_amp_bf16_refusal_names_the_cell_and_spares_the_others(tmp_path, capsys, monkeypatch):
+    """The planning check asks the probe about every cell of the plan's cpu runs (here a
+    platform whose nn.GRU alone cannot: the refusal names gru; a gru-free plan passes)."""
+    asked = []
+
+    def probe(cell, device_type="cpu", dtype=torch.bfloat16):
+        asked.append((cell, device_type, dtype))
+        return (
+            "this platform's nn.GRU cannot run bfloat16 autocast on cpu: no primitive"
+            if cell == "gru"
+            else None
+        )
+
+    monkeypatch.setattr(support, "autocast_unsupported", probe)
+    base = [*TINY, "--methods", "lstm", "--amp", "off", "bf16", "--out", tmp_path / "o"]
+    assert sweep(*base, "--cell", "lstm", "gru") == 2
+    err = capsys.readouterr().err
+    assert "--amp bf16 with --cell gru on this CPU: this platform's nn.GRU cannot" in err
+    assert err.count("\n") == 1 and not (tmp_path / "o").exists()
+    assert ("gru", "cpu", torch.bfloat16) in asked
+    asked.clear()
+    assert sweep(*base[:-2], "--amp", "off", "--cell", "gru", "--dry-run", "--out", tmp_path / "o") == 0
+    assert asked == []  # no bf16 run: nothing to ask
+    capsys.readouterr()
 
 
 # ---------------------------------------------------------------------------------------------
