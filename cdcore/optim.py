@@ -126,9 +126,13 @@ class _CayleyBase(torch.optim.Optimizer):
         Raises
         ------
         ValueError
-            A Stiefel parameter's gradient holds inf or NaN (checked for all of them, with
-            one host synchronisation per device, before anything is modified; the message
-            names the group, the index in it and the shape).  With
+            On a CPU, a Stiefel parameter's gradient holds inf or NaN (checked for all of
+            them before anything is modified; the message names the group, the index in it
+            and the shape).  Off the CPU this check would make the host wait for the device
+            every step, so instead each matrix with a non-finite gradient keeps its value and
+            moments (device-side ``torch.where``) and nothing is raised.  A step that raises
+            for any reason leaves every parameter and all state unchanged (every update is
+            computed before any is written).  With
             ``torch.amp.GradScaler`` this never fires: the scaler skips ``step`` itself when
             it finds non-finite gradients.  Euclidean groups behave as ``torch.optim``.
         """
@@ -136,7 +140,9 @@ class _CayleyBase(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._check_finite()
+        host_check = self._host_checks(self)
+        if host_check:
+            self._check_finite()
         writes = []  # every Stiefel update is computed before any parameter or state is written
         for group in self.param_groups:
             if group["stiefel"]:
@@ -145,11 +151,10 @@ class _CayleyBase(torch.optim.Optimizer):
                     if p.grad is not None:
                         buckets.setdefault((p.shape, p.dtype, p.device), []).append(p)
                 for params in buckets.values():
-                    writes.extend(self._stiefel_bucket(group, params))
+                    writes.extend(self._stiefel_bucket(group, params, guard=not host_check))
         if writes:
             ps, ys, sts, ms, vs = zip(*writes)
-            torch._foreach_copy_(list(ps), list(ys))
-            torch._foreach_copy_([st["momentum"] for st in sts], list(ms))
+            torch._foreach_copy_([*ps, *(st["momentum"] for st in sts)], [*ys, *ms])
             torch._foreach_copy_([st["second_moment"] for st in sts], list(vs))
             for p, st in zip(ps, sts):
                 self.state[p] = st
@@ -159,6 +164,17 @@ class _CayleyBase(torch.optim.Optimizer):
                     if p.grad is not None:
                         self._euclidean(group, p)
         return loss
+
+    @staticmethod
+    def _host_checks(opt) -> bool:
+        """Whether ``step`` checks Stiefel gradients on the host (raising, naming the parameter).
+
+        True unless a Stiefel parameter lives on an accelerator, where reading the flag would
+        make the host wait for the device every step; there a matrix whose gradient is not
+        finite is instead left unchanged, with its state, by a device-side ``torch.where``.
+        A staticmethod so that tests can exercise the device branch on a CPU.
+        """
+        return all(p.device.type == "cpu" for g in opt.param_groups if g["stiefel"] for p in g["params"])
 
     def _check_finite(self) -> None:
         by_device: dict[torch.device, list[Tensor]] = {}
@@ -178,7 +194,7 @@ class _CayleyBase(torch.optim.Optimizer):
                         f"torch.amp.GradScaler does)"
                     )
 
-    def _stiefel_bucket(self, group: dict, params: list[Tensor]) -> list[tuple]:
+    def _stiefel_bucket(self, group: dict, params: list[Tensor], guard: bool = False) -> list[tuple]:
         """Compute the update of Stiefel parameters of one shape, dtype and device in one batch.
 
         Each parameter keeps its own step count (bias correction and feasibility checks are
@@ -188,7 +204,9 @@ class _CayleyBase(torch.optim.Optimizer):
         :meth:`step` once every bucket has been computed, so a step that raises leaves all
         parameters and all state as they were.  For float16 / bfloat16 parameters the
         arithmetic is done in float32 (:func:`cdcore.stiefel.retr_cayley` likewise); the state
-        tensors keep the parameter's dtype.
+        tensors keep the parameter's dtype.  With ``guard`` (the accelerator path of
+        :meth:`step`), a matrix whose gradient is not finite keeps its value and moments
+        (``torch.where``, no host synchronisation); its step count still advances.
         """
         gran = group["granularity"]
         work = stiefel._work_dtype(params[0].dtype)
@@ -220,8 +238,17 @@ class _CayleyBase(torch.optim.Optimizer):
         M = flat([st["momentum"] for st in states])
         V = torch.stack([st["second_moment"] for st in states]).reshape(-1).to(work)
         steps = [st["step"] + 1 for st in states]
-        t = torch.tensor(steps, dtype=work, device=X.device).repeat_interleave(per_param)
-        Y, M, V = self._stiefel_update(group, X, stiefel.proju(X, G), M, V, t)
+        if len(set(steps)) == 1:  # the usual case: a Python number, no host-to-device copy
+            t = float(steps[0])
+        else:
+            t = torch.tensor(steps, dtype=work, device=X.device).repeat_interleave(per_param)
+        Y, M1, V1 = self._stiefel_update(group, X, stiefel.proju(X, G), M, V, t)
+        if guard:
+            ok = G.isfinite().all(dim=(-2, -1))
+            okm = ok[:, None, None]
+            Y, M, V = torch.where(okm, Y, X), torch.where(okm, M1, M), torch.where(ok, V1, V)
+        else:
+            M, V = M1, V1
         due = [s % group["check_every"] == 0 for s in steps]
         bad_per_param = [False] * k
         if any(due):
@@ -239,10 +266,10 @@ class _CayleyBase(torch.optim.Optimizer):
         Y, M = back(Y).to(dtype), back(M).to(dtype)
         V = V.to(dtype).reshape((k,) + states[0]["second_moment"].shape)
         writes = []
-        for i, (p, st) in enumerate(zip(params, states)):
+        for i, (p, st, y, m, v) in enumerate(zip(params, states, Y.unbind(), M.unbind(), V.unbind())):
             st["step"] = steps[i]
             st["reprojections"] += int(bad_per_param[i])
-            writes.append((p, Y[i], st, M[i], V[i]))
+            writes.append((p, y, st, m, v))
         return writes
 
     def _stiefel_update(self, group, X, xi, M, V, t):  # pragma: no cover - abstract

@@ -434,3 +434,92 @@ def test_a_failing_step_leaves_parameters_and_state_untouched(cls, monkeypatch):
         for k, st in state["state"].items():
             for name, v in st.items():
                 assert torch.equal(torch.as_tensor(after["state"][k][name]), torch.as_tensor(v)), name
+
+
+class _CountOps(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func.overloadpacket.__name__))
+        return func(*args, **(kwargs or {}))
+
+
+_SYNCING = {"_local_scalar_dense", "_linalg_check_errors", "nonzero", "item", "is_nonzero"}
+
+
+def _count_step_ops(n_extra, monkeypatch):
+    """Ops dispatched by one CayleyAdam step (after a warm-up step) of the notebook's model
+    (2-layer bidirectional LSTM, hidden 100: 4 recurrent weights on St(400, 100)) plus
+    ``n_extra`` more St(400, 100) weights, on the accelerator branch (no host checks)."""
+    monkeypatch.setattr(optim._CayleyBase, "_host_checks", staticmethod(lambda opt: False), raising=False)
+    torch.manual_seed(0)
+    lstm = nn.LSTM(28, 100, num_layers=2, bidirectional=True)
+    hh = [w for name, w in lstm.named_parameters() if "weight_hh" in name]
+    extra = [nn.Parameter(stiefel.random_point(400, 100)) for _ in range(n_extra)]
+    with torch.no_grad():
+        for w in hh:
+            w.copy_(stiefel.random_point(400, 100))
+    others = [w for name, w in lstm.named_parameters() if "weight_hh" not in name]
+    opt = optim.CayleyAdam(
+        [{"params": hh + extra, "stiefel": True}, {"params": others}], lr=1e-3, check_every=10**6
+    )
+    counts = []
+    for _ in range(2):
+        for w in lstm.parameters():
+            w.grad = torch.randn_like(w)
+        for w in extra:
+            w.grad = torch.randn_like(w)
+        with _CountOps() as mode:
+            opt.step()
+        counts.append(mode.ops)
+    return counts[-1]
+
+
+def test_cayley_step_never_syncs_and_its_op_count_does_not_grow_with_weights(monkeypatch):
+    """Issue 20 item 4: on the accelerator branch a Stiefel step dispatches no op that makes
+    the host wait (.item()/bool(): _local_scalar_dense; linalg.inv's _linalg_check_errors),
+    and the Stiefel weights of one shape share one batched update (4 vs 8 weights, same count)."""
+    four = _count_step_ops(0, monkeypatch)
+    eight = _count_step_ops(4, monkeypatch)
+    assert not _SYNCING & set(four), sorted(_SYNCING & set(four))
+    assert len(four) == len(eight), (len(four), len(eight))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cayley_steps_on_cuda_never_sync():
+    lstm = nn.LSTM(28, 100, num_layers=2, bidirectional=True).cuda()
+    hh = [w for name, w in lstm.named_parameters() if "weight_hh" in name]
+    with torch.no_grad():
+        for w in hh:
+            w.copy_(stiefel.random_point(400, 100, device="cuda"))
+    others = [w for name, w in lstm.named_parameters() if "weight_hh" not in name]
+    opt = optim.CayleyAdam([{"params": hh, "stiefel": True}, {"params": others}], lr=1e-3, check_every=10**6)
+    x = torch.randn(28, 8, 28, device="cuda")
+    for i in range(4):
+        opt.zero_grad()
+        lstm(x)[0].square().mean().backward()
+        if i:  # the first step initialises the state (one feasibility read per weight)
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            opt.step()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    assert stiefel.feasibility(torch.stack(hh)).max() < 1e-4
+
+
+def test_accelerator_branch_skips_a_non_finite_matrix_without_raising(monkeypatch):
+    """Off the CPU a non-finite Stiefel gradient is not read on the host: that matrix and its
+    moments stay as they were (torch.where), the others move."""
+    monkeypatch.setattr(optim._CayleyBase, "_host_checks", staticmethod(lambda opt: False))
+    p, q = _stiefel_param(seed=0), _stiefel_param(seed=1)
+    opt = optim.CayleyAdam([{"params": [p, q], "stiefel": True}], lr=0.05)
+    before = [t.detach().clone() for t in (p, q)]
+    p.grad, q.grad = torch.ones_like(p), torch.ones_like(q)
+    q.grad[2, 1] = float("nan")
+    opt.step()
+    assert torch.equal(q, before[1]) and not torch.equal(p, before[0])
+    assert torch.equal(opt.state[q]["momentum"], torch.zeros_like(q))
+    assert opt.state[q]["second_moment"].item() == 0
