@@ -37,7 +37,7 @@ from .cli import Parser, choice, number
 from .errors import DataError, FolderBusy, UsageError
 from .executors import make_executor
 from .methods import ALIASES, METHODS, OPTIMIZERS
-from .provenance import environment, git_commit, utc_now, write_meta
+from .provenance import environment, git_commit, read_meta, utc_now, write_meta
 from .runner import AMP_MODES, SCHEDULES, RunConfig, get_task
 from .store import ResultStore
 from .tasks import PROFILES, TASKS, default_data_dir
@@ -683,6 +683,7 @@ def _sweep(
     store: ResultStore, executor, plan, notices, profile, args, argv, data_dir, out
 ) -> tuple[dict, int]:
     """Run the planned runs not yet ``ok`` in ``store``; returns ({run_id: status}, runs skipped)."""
+    read_meta(out)  # a malformed meta.json is refused before the folder is changed
     done = store.prepare({c.run_id for c in plan}, force=args.force)
     if args.force:  # rerun from scratch: a checkpoint left by an earlier interrupted run is not resumed
         for c in plan:
