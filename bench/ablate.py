@@ -39,7 +39,7 @@ from .cli import Parser, choice, number
 from .errors import DataError, FolderBusy, UsageError
 from .executors import make_executor
 from .methods import ALIASES, METHODS, OPTIMIZERS
-from .provenance import environment, git_commit, utc_now, write_meta
+from .provenance import environment, git_commit, read_meta, utc_now, write_meta
 from .runner import AMP_MODES, SCHEDULES, RunConfig, get_task, normalized, resolved_fields
 from .store import ResultStore
 from .tasks import PROFILES, TASKS, default_data_dir
@@ -757,6 +757,7 @@ def _sweep(
     them (a run whose worker died: the executor's row holds the configuration as given)."""
     from .store import read_rows
 
+    read_meta(out)  # a malformed meta.json is refused before the folder is changed
     resolved = resolved or {}
     done = store.prepare({c.run_id for c in plan}, force=args.force)
     notices = notices + _threads_notice(read_rows(out / "runs.csv"), plan, done)

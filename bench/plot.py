@@ -26,6 +26,7 @@ import pandas as pd  # noqa: E402
 from . import stats  # noqa: E402
 from .errors import UsageError  # noqa: E402
 from .fsio import check_folder, save_figure, write_atomic, write_csv  # noqa: E402
+from .provenance import read_meta  # noqa: E402
 
 METRIC_LABEL = {"acc": "test accuracy (%)", "ce": "test cross-entropy", "mse": "test MSE"}
 QUANTITY_LABEL = {
@@ -61,6 +62,9 @@ def _read_complete(path: Path) -> pd.DataFrame:
 def _read(folder: Path):
     runs = _read_complete(folder / "runs.csv")
     hist = _read_complete(folder / "history.csv")
+    for name, df in (("runs.csv", runs), ("history.csv", hist)):
+        if len(df.columns) and "run_id" not in df:
+            raise UsageError(f"{folder / name}: no run_id column: not a result file of bench.ablate")
     if not hist.empty:
         # rows written before step-level logging are epoch rows: the whole file (no kind column)
         # or, in a folder resumed since, the rows whose kind is empty
@@ -663,9 +667,8 @@ def time_to_target_markdown(runs: pd.DataFrame) -> str | None:
 
 def write_summary(runs: pd.DataFrame, st: pd.DataFrame, folder: Path, images: list[str]) -> None:
     lines = [f"# Sweep summary: {folder.name}", ""]
-    meta = folder / "meta.json"
-    if meta.is_file():
-        m = json.loads(meta.read_text())
+    m = read_meta(folder)  # UsageError when malformed
+    if m:
         lines += [
             f"Command: `{m.get('command')}`  ",
             f"git commit: `{m.get('git_commit')}`, torch "
@@ -776,6 +779,7 @@ def write_summary(runs: pd.DataFrame, st: pd.DataFrame, folder: Path, images: li
 def make_all(folder) -> list[str]:
     """Write stats.csv, draw every plot and write summary.md for ``folder``; returns the image names."""
     folder = Path(folder)
+    read_meta(folder)  # a malformed meta.json is refused before anything is written
     runs, hist = _read(folder)
     st = stats.all_stats(runs) if len(runs) else pd.DataFrame()
     write_csv(st, folder / "stats.csv")
@@ -816,7 +820,7 @@ def main(argv=None) -> int:
         print(f"bench.plot: error: {Path(argv[0]) / 'runs.csv'} holds no header row (empty)", file=sys.stderr)
         return 2
     try:
-        images = make_all(argv[0])
+        images = make_all(argv[0])  # UsageError: a link, a malformed meta.json
     except UsageError as e:
         print(f"bench.plot: error: {e}", file=sys.stderr)
         return 2

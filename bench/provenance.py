@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from .errors import UsageError
 from .fsio import write_atomic
 from .measure import cpu_count
 
@@ -111,16 +112,51 @@ def environment_lines(devices) -> list[str]:
     return lines
 
 
+def read_meta(out: Path) -> dict:
+    """The ``<out>/meta.json`` of a results folder; ``{}`` when there is none.
+
+    Raises
+    ------
+    UsageError
+        The file is not ours: unparseable JSON, not an object, or ``command`` not a string /
+        ``invocations`` not a list of objects (one line naming the file and the problem).
+    """
+    path = Path(out) / "meta.json"
+    if not path.exists() and not path.is_symlink():
+        return {}
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UsageError(
+            f"{path}: not readable as JSON ({e}); move it away or choose another folder"
+        ) from None
+    problem = None
+    if not isinstance(meta, dict):
+        problem = f"a JSON {type(meta).__name__}, not an object"
+    elif not isinstance(meta.get("command", ""), str):
+        problem = "'command' is not a string"
+    elif not isinstance(meta.get("invocations", []), list) or not all(
+        isinstance(i, dict) for i in meta.get("invocations", [])
+    ):
+        problem = "'invocations' is not a list of objects"
+    if problem:
+        raise UsageError(
+            f"{path}: not a meta.json of bench.ablate ({problem}); move it away or choose another folder"
+        )
+    return meta
+
+
 def write_meta(out: Path, meta: dict) -> None:
     """Write ``<out>/meta.json`` atomically, appending this invocation to the list of
-    every invocation that wrote to the folder (``command``, ``started``, ``git_commit``)."""
+    every invocation that wrote to the folder (``command``, ``started``, ``git_commit``).
+
+    Raises
+    ------
+    UsageError
+        The folder's meta.json is malformed (:func:`read_meta`).
+    """
     path = Path(out) / "meta.json"
-    previous = []
-    if path.is_file():
-        try:
-            previous = json.loads(path.read_text()).get("invocations", [])
-        except (OSError, ValueError, AttributeError):
-            previous = []
+    previous = read_meta(out).get("invocations", [])
     meta = {
         **meta,
         "invocations": previous

@@ -7,11 +7,19 @@ run per epoch), guarded by a lock on the output folder.
 * A sweep holds ``<out>/.lock`` (an OS file lock, released even on SIGKILL) while it
   writes; a second sweep on the same folder refuses with a clear message.
 * At the start of a sweep the files are compacted (rewritten atomically): a torn last
-  line is dropped, rows of planned runs that are not ``ok`` (or all planned rows, with
-  ``--force``) are removed so that they are redone, never duplicated, and rows written by
-  an older version are brought up to date (:func:`bench.runner.upgrade_row`: the method
-  ``lstm`` renamed ``unconstrained``, columns added since filled with the default the run
-  used; run_ids unchanged).
+  line is dropped, duplicate rows of one run_id are dropped (the first is kept), and rows
+  written by an older version are brought up to date (:func:`bench.runner.upgrade_row`:
+  the method ``lstm`` renamed ``unconstrained``, columns added since filled with the
+  default the run used; run_ids unchanged).  Columns this version does not know (added by
+  a newer version or another tool) are kept, after ours; rows appended leave them empty.
+* A planned run that is redone (not ``ok``, or every planned run with ``--force``) keeps
+  its old row and history rows until its new result is recorded: then both files are
+  rewritten atomically (history first, then runs.csv) with the old rows replaced.  A
+  sweep killed at any moment loses no row it did not replace.
+* A ``runs.csv`` or ``history.csv`` without a ``run_id`` column (not written by these
+  tools) is refused with one line naming it, before anything is changed.
+* Every rewrite goes to a temporary file beside the target, renamed over it; appends open
+  the file with ``O_NOFOLLOW`` (:mod:`bench.fsio`): nothing is written through a link.
 """
 
 from __future__ import annotations
@@ -43,18 +51,35 @@ def _line(values: dict, columns: list[str]) -> bytes:
 
 def read_rows(path: Path) -> list[dict]:
     """Complete rows of a CSV written by this module (a torn last line is ignored)."""
+    return _read_table(path)[1]
+
+
+def _read_table(path: Path) -> tuple[list[str], list[dict]]:
+    """(header, complete rows) of a result CSV; ``([], [])`` when it is missing or empty."""
     if not path.is_file():
-        return []
+        return [], []
     text = path.read_text()
     if text and not text.endswith("\n"):
         text = text[: text.rfind("\n") + 1]
-    return list(csv.DictReader(io.StringIO(text)))
+    reader = csv.DictReader(io.StringIO(text))
+    rows = list(reader)
+    return list(reader.fieldnames or []), rows
+
+
+def _columns(path: Path, header: list[str], ours: list[str]) -> list[str]:
+    """Our columns then the file's others, in its order; refuses a file without ``run_id``."""
+    if header and "run_id" not in header:
+        raise UsageError(
+            f"{path}: no run_id column (header {','.join(header[:3])},...): not a result file of "
+            "bench.ablate; move it away or choose another --out"
+        )
+    return ours + [c for c in header if c and c not in ours]
 
 
 def _rewrite(path: Path, rows: list[dict], columns: list[str]) -> None:
     # beside the file and renamed over it: a link in its place is replaced, never followed
     data = [_line({c: c for c in columns}, columns)]
-    for r in rows:  # rows read back from the file: columns of an older version are dropped
+    for r in rows:  # columns is ours plus every other column of the file: none is dropped
         data.append(_line({k: v for k, v in r.items() if k in columns}, columns))
     write_atomic(path, b"".join(data))
 
@@ -67,6 +92,8 @@ class ResultStore:
         self.runs_path = self.out / "runs.csv"
         self.history_path = self.out / "history.csv"
         self._lock = None
+        self._run_columns, self._history_columns = RUN_COLUMNS, HISTORY_COLUMNS
+        self._replace: set[str] = set()  # planned run_ids whose old rows record() replaces
 
     def __enter__(self) -> "ResultStore":
         from filelock import FileLock, Timeout
@@ -94,27 +121,33 @@ class ResultStore:
             self._lock.release()
 
     def prepare(self, planned_ids: set[str], force: bool = False) -> set[str]:
-        """Compact the files for a sweep of ``planned_ids``; return the ids already ``ok``."""
-        runs = [upgrade_row(r) for r in read_rows(self.runs_path)]
+        """Compact the files for a sweep of ``planned_ids``; return the ids already ``ok``.
+
+        Rows of planned runs to be redone are kept until :meth:`record` replaces them.
+
+        Raises
+        ------
+        UsageError
+            ``runs.csv`` or ``history.csv`` has no ``run_id`` column (nothing is changed).
+        """
+        run_header, runs = _read_table(self.runs_path)
+        hist_header, hist = _read_table(self.history_path)
+        self._run_columns = _columns(self.runs_path, run_header, RUN_COLUMNS)
+        self._history_columns = _columns(self.history_path, hist_header, HISTORY_COLUMNS)
         kept, seen, done = [], set(), set()
-        for r in runs:
+        for r in map(upgrade_row, runs):
             rid = r.get("run_id", "")
             if rid in seen:
                 continue
-            if rid in planned_ids and (force or r.get("status") != "ok"):
-                continue
             seen.add(rid)
             kept.append(r)
-            if r.get("status") == "ok":
+            if r.get("status") == "ok" and not (force and rid in planned_ids):
                 done.add(rid)
-        kept_ids = {r["run_id"] for r in kept}
-        history = [
-            upgrade_row(h)
-            for h in read_rows(self.history_path)
-            if h.get("run_id") in kept_ids or h.get("run_id") not in planned_ids
-        ]
-        _rewrite(self.runs_path, kept, RUN_COLUMNS)
-        _rewrite(self.history_path, history, HISTORY_COLUMNS)
+        self._replace = (seen & set(planned_ids)) - done
+        _rewrite(self.runs_path, kept, self._run_columns)
+        # history of a planned run without a run row (killed between the two appends) is redone
+        hist = [upgrade_row(h) for h in hist if h.get("run_id") in seen or h.get("run_id") not in planned_ids]
+        _rewrite(self.history_path, hist, self._history_columns)
         return done
 
     def _append(self, path: Path, rows: list[dict], columns: list[str]) -> None:
@@ -129,13 +162,28 @@ class ResultStore:
             os.close(fd)
 
     def record(self, row: dict, history: list[dict]) -> None:
-        """Append one finished run: its history rows first, then its run row.
+        """Record one finished run: its history rows first, then its run row.
+
+        A run that already has rows (redone, or ``--force``) has them replaced: both files are
+        rewritten atomically, history first; otherwise the rows are appended.
 
         Raises
         ------
         ValueError
             A key of ``row`` or of a history row that is not a column (nothing is written).
         """
-        _line(row, RUN_COLUMNS)
-        self._append(self.history_path, history, HISTORY_COLUMNS)
-        self._append(self.runs_path, [row], RUN_COLUMNS)
+        run_columns, history_columns = self._run_columns, self._history_columns
+        _line(row, run_columns)
+        for h in history:
+            _line(h, history_columns)
+        rid = row.get("run_id")
+        if rid in self._replace:
+            old_hist = [h for h in read_rows(self.history_path) if h.get("run_id") != rid]
+            _rewrite(self.history_path, old_hist + history, history_columns)
+            runs = read_rows(self.runs_path)
+            at = next((i for i, r in enumerate(runs) if r.get("run_id") == rid), len(runs))
+            _rewrite(self.runs_path, runs[:at] + [row] + runs[at + 1 :], run_columns)
+            self._replace.discard(rid)
+            return
+        self._append(self.history_path, history, history_columns)
+        self._append(self.runs_path, [row], run_columns)

@@ -61,7 +61,7 @@ def test_ablate_with_every_run_skipped_never_writes_outside(tmp_path):
     names.append(sorted(p.name for p in out.glob("*.png"))[0])
     keep = {}
     for name in names:
-        if name in ("runs.csv", "history.csv"):
+        if name in ("runs.csv", "history.csv", "meta.json"):
             keep[name] = (out / name).read_text()
             (tmp_path / f"copy-{name}").write_text(keep[name])
             link(out / name, tmp_path / f"copy-{name}")  # a link to outside holding the real rows
