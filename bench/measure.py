@@ -156,3 +156,12 @@ def count_kernel_ops(fn: Callable[[], object]):
     with _Count():
         fn()
     return counts
+
+
+def kernel_op_count(fn: Callable[[], object], warmup: int = 1) -> int:
+    """Total kernel-launching operators of one call of ``fn`` after ``warmup`` uncounted calls
+    (lazy initialisation, caches): ``sum(count_kernel_ops(fn).values())``.  What ``bench.perf``
+    reports beside the times (``kernel_ops``) and the tests hold the methods to."""
+    for _ in range(warmup):
+        fn()
+    return sum(count_kernel_ops(fn).values())
