@@ -91,3 +91,77 @@ def peak_memory_mb(device: torch.device | str) -> float:
 
 def cpu_count() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+#: aten operators that launch no kernel and are never counted by :func:`count_kernel_ops`, besides
+#: every view (``OpOverload.is_view``: its output aliases its input, e.g. ``view``, ``t``,
+#: ``transpose``, ``as_strided``, ``unbind``, ``detach``): allocation without initialisation,
+#: metadata-only operators (``_unsafe_view`` is a view that its schema does not declare) and the
+#: profiler's markers (``torch.optim`` optimisers enter one per step)
+NON_KERNEL_OPS = frozenset(
+    {
+        "aten::empty",
+        "aten::empty_like",
+        "aten::empty_strided",
+        "aten::new_empty",
+        "aten::new_empty_strided",
+        "aten::set_",
+        "aten::lift_fresh",
+        "aten::_unsafe_view",
+        "aten::resize_",
+        "aten::_has_compatible_shallow_copy_type",
+        "aten::is_same_size",
+        "aten::sym_size",
+        "aten::sym_stride",
+        "aten::sym_numel",
+        "aten::sym_storage_offset",
+        "profiler::_record_function_enter_new",
+        "profiler::_record_function_exit",
+    }
+)
+
+
+def is_kernel_op(func) -> bool:
+    """True for an aten operator that :func:`count_kernel_ops` counts: not a view and not in
+    :data:`NON_KERNEL_OPS`."""
+    return not func.is_view and func._schema.name not in NON_KERNEL_OPS
+
+
+def count_kernel_ops(fn: Callable[[], object]):
+    """The kernel-launching aten operators that one call of ``fn`` dispatches, by name.
+
+    Counted with a :class:`torch.utils._python_dispatch.TorchDispatchMode`: what reaches the
+    dispatcher below autograd (composite operators decomposed, an autograd backward's
+    operators included, a multi-tensor ``_foreach_*`` operator counted once), minus
+    :func:`is_kernel_op`'s exclusions.  On a CPU each counted operator is a kernel call, on
+    CUDA about one launch.  Deterministic: the same code path counts the same every call.
+
+    Returns
+    -------
+    collections.Counter
+        ``{"aten::addmm": 12, ...}``; ``sum(...values())`` is the total.
+    """
+    from collections import Counter
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    counts: Counter = Counter()
+
+    class _Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if is_kernel_op(func):
+                counts[func._schema.name] += 1
+            return func(*args, **(kwargs or {}))
+
+    with _Count():
+        fn()
+    return counts
+
+
+def kernel_op_count(fn: Callable[[], object], warmup: int = 1) -> int:
+    """Total kernel-launching operators of one call of ``fn`` after ``warmup`` uncounted calls
+    (lazy initialisation, caches): ``sum(count_kernel_ops(fn).values())``.  What ``bench.perf``
+    reports beside the times (``kernel_ops``) and the tests hold the methods to."""
+    for _ in range(warmup):
+        fn()
+    return sum(count_kernel_ops(fn).values())

@@ -100,6 +100,14 @@ class Built:
     counters : callable
         ``counters(optimizer) -> {column: int}``: the optimiser's own counts reported in
         ``runs.csv`` (every key must be one of ``bench.runner.RUN_COLUMNS``).
+    penalty_in_forward : bool
+        True when ``rnn.forward_with_penalty(x) -> (output, state, penalty)`` returns, with the
+        forward, what ``penalty()`` would (from the forward's own arithmetic); the train step
+        then takes the penalty from there instead of calling ``penalty()``.
+    weight_path : callable
+        ``weight_path() -> str``: how the recurrent module hands its kernel the weights
+        (``runs.csv``'s ``weight_path``: cdcore's ``"flat"`` or ``"fallback: <reason>"``);
+        ``""`` when the method does not say.
     """
 
     rnn: nn.Module
@@ -110,6 +118,8 @@ class Built:
     constraint_work: Callable[[], None] | None = None
     context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
     counters: Callable[[torch.optim.Optimizer], dict[str, int]] = _no_counters
+    penalty_in_forward: bool = False
+    weight_path: Callable[[], str] = str
 
 
 @dataclass(frozen=True)
@@ -312,6 +322,8 @@ def build_cd(plain: nn.RNNBase, cfg) -> Built:
         project=rnn.to_plain,
         penalty=lambda: cdcore.quad_penalty(rnn),
         constraint_work=work,
+        penalty_in_forward=True,  # rnn.forward_with_penalty: the penalty from the forward's Gram matrices
+        weight_path=lambda: rnn.weight_path,
     )
 
 

@@ -215,6 +215,7 @@ MEASURED_COLUMNS = [
     "feasibility_eff",
     "recurrent_change",
     "reprojections",
+    "weight_path",
     "train_samples_per_s",
     "step_samples_per_s",
     "step_vs_baseline",
@@ -335,6 +336,13 @@ class SeqModel(nn.Module):
         with self._context():
             out, _ = self.rnn(x)
         return self.head(out if self.per_step else out[:, -1])
+
+    def forward_with_penalty(self, x) -> tuple[Tensor, Tensor]:
+        """``(output, penalty)`` from the recurrent module's ``forward_with_penalty`` (see
+        ``bench.methods.Built.penalty_in_forward``): one forward that also returns the penalty."""
+        with self._context():
+            out, _, penalty = self.rnn.forward_with_penalty(x)
+        return self.head(out if self.per_step else out[:, -1]), penalty
 
 
 _TASK_CACHE: dict[tuple, Task] = {}
@@ -553,8 +561,9 @@ def make_train_step(
 
     ``step(x, y) -> (output, loss, penalty)`` (detached; penalty None without one): forward
     and task loss under the run's autocast (:func:`amp_context`), the method's penalty added
-    outside it, backward (scaled by ``scaler`` for fp16), then, with ``cfg.clip``, the
-    gradient norm of all parameters clipped to ``cfg.clip``
+    outside it (or, with ``Built.penalty_in_forward``, taken from the forward, whose constraint
+    arithmetic runs in float32 with autocast off all the same), backward (scaled by ``scaler``
+    for fp16), then, with ``cfg.clip``, the gradient norm of all parameters clipped to ``cfg.clip``
     (``torch.nn.utils.clip_grad_norm_``, after unscaling) before the optimiser step -- for
     ``cayley`` that is the Euclidean gradient, clipped before CayleyAdam projects it onto
     the tangent space and retracts -- and the schedule stepped.
@@ -564,9 +573,13 @@ def make_train_step(
 
     def step(x, y):
         with amp():
-            out = model(x)
+            if built.penalty_in_forward:
+                out, pen = model.forward_with_penalty(x)
+            else:
+                out, pen = model(x), None
             loss = task.loss(out, y)
-        pen = built.penalty() if built.penalty is not None else None
+        if pen is None and built.penalty is not None:
+            pen = built.penalty()
         total = loss + pen if pen is not None else loss
         opt.zero_grad(set_to_none=True)
         (scaler.scale(total) if scaler is not None else total).backward()
@@ -1046,6 +1059,7 @@ def final_metrics(tr: Training) -> dict:
         "train_samples_per_s": tr.samples / tr.elapsed if tr.elapsed > 0 else None,
         "recurrent_change": recurrent_change(tr.start_weights, tr.built),
         **tr.built.counters(tr.optimizer),
+        "weight_path": tr.built.weight_path(),
     }
     if preds is not None:
         from sklearn.metrics import confusion_matrix

@@ -17,7 +17,8 @@ On CPU both are no-ops.  For every method but ``unconstrained``, ``setup`` also 
 of ``unconstrained`` of the same shape (outside the method's timing) and stores these times in
 ``extra_info["reference_round_s"]``: round i of the method is paired with the unconstrained step
 just before it, which makes ``paired_vs_unconstrained`` robust to the machine's speed drifting between
-benchmarks.
+benchmarks.  After the timing, one more step is run under :func:`bench.measure.count_kernel_ops`
+(``extra_info["kernel_ops"]``, the table's ``kernel_ops`` column).
 """
 
 import pytest
@@ -66,6 +67,8 @@ def _bench(benchmark, task_for, case):
     if ref_times:
         # setup also ran before the warm-up rounds: keep the last `rounds` times
         benchmark.extra_info["reference_round_s"] = ref_times[-case["rounds"] :]
+    # kernel-launching operators of one step (deterministic; counted after the timing, untimed)
+    benchmark.extra_info["kernel_ops"] = measure.kernel_op_count(getattr(steps, case["kind"]), warmup=0)
 
 
 @pytest.mark.parametrize("case", plan.load_plan("train"), ids=plan.case_id)

@@ -57,8 +57,12 @@ def reference_run(cfg: RunConfig) -> tuple[list[float], float]:
         gen = torch.Generator().manual_seed(data_seed(cfg, epoch))
         total, n = 0.0, 0
         for x, y in task.train_batches(cfg.batch_size, gen):
-            loss = task.loss(model(x), y)
-            full = loss + built.penalty() if built.penalty is not None else loss
+            if built.penalty_in_forward:  # the penalty from the forward, as the method declares
+                out, pen = model.forward_with_penalty(x)
+            else:
+                out, pen = model(x), built.penalty() if built.penalty is not None else None
+            loss = task.loss(out, y)
+            full = loss + pen if pen is not None else loss
             opt.zero_grad(set_to_none=True)
             full.backward()
             opt.step()

@@ -11,7 +11,9 @@ of each configuration for the estimate), run pytest-benchmark on it
 (:mod:`bench.perf.run`), write ``table.csv``, ``table.md``, ``relative_throughput.png``,
 ``scaling.png`` and ``command.txt`` (:mod:`bench.perf.report`).  With ``--paired``: time
 the methods interleaved (:mod:`bench.perf.paired`) and write ``paired.csv``,
-``pairs.csv``, ``paired.md`` and ``paired_command.txt``.
+``pairs.csv``, ``paired.md`` and ``paired_command.txt``.  Both tables carry ``kernel_ops``: the
+kernel-launching operators of one step (:func:`bench.measure.count_kernel_ops`, counted after
+the timing).
 
 Rounds: ``--warmup`` (default 3 on CPU, 10 on CUDA) warm-up and ``--rounds`` (default
 5 on CPU, 30 on CUDA; 40 with ``--paired``) timed rounds per benchmark.  A benchmark
@@ -150,7 +152,10 @@ def run_paired(args, argv, methods, hidden, batch, devices, rounds: int, warmup:
         for h in hidden:
             for b in batch:
                 for kind in plan.KINDS:
-                    times = time_methods(methods, h, b, device, rounds=rounds, warmup=warmup, kind=kind)
+                    ops = {}
+                    times = time_methods(
+                        methods, h, b, device, rounds=rounds, warmup=warmup, kind=kind, ops=ops
+                    )
                     new = [
                         {
                             "method": r["method"],
@@ -164,6 +169,7 @@ def run_paired(args, argv, methods, hidden, batch, devices, rounds: int, warmup:
                             f"vs_{ref}_q1": r["q1"],
                             f"vs_{ref}_q3": r["q3"],
                             f"vs_{ref}_of_medians": r["of_medians"],
+                            "kernel_ops": ops[r["method"]],
                         }
                         for r in paired.relative_rows(times, ref)
                     ]
@@ -171,7 +177,9 @@ def run_paired(args, argv, methods, hidden, batch, devices, rounds: int, warmup:
                     pairs += paired.pairwise_rows(times, device=device, hidden=h, batch=b, kind=kind)
                     print(
                         f"bench.perf --paired: {device} H{h} B{b} {kind}: "
-                        + ", ".join(f"{r['method']} {r[f'vs_{ref}']:.3f}" for r in new),
+                        + ", ".join(
+                            f"{r['method']} {r[f'vs_{ref}']:.3f} ({r['kernel_ops']} ops)" for r in new
+                        ),
                         flush=True,
                     )
     out = Path(args.out)

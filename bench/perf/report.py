@@ -33,7 +33,8 @@ def load_results(json_path):
     over rounds of t_ref / t_method, where t_ref is the unconstrained step timed right before each
     round of the method (``extra_info["reference_round_s"]``; ``"lstm_round_s"`` in files written
     by 0.1.0), so that drifts of the machine's speed between benchmarks cancel; 1.0 for
-    unconstrained, NaN without those timings.
+    unconstrained, NaN without those timings.  ``kernel_ops``: the kernel-launching operators of one
+    step (:func:`bench.measure.count_kernel_ops`; NaN in files written before it was counted).
     """
     import pandas as pd
 
@@ -65,6 +66,7 @@ def load_results(json_path):
                 "median_ms": 1e3 * median,
                 "samples_per_s": info["samples"] / median,
                 "paired_vs_unconstrained": paired,
+                "kernel_ops": info.get("kernel_ops", math.nan),
             }
         )
     cols = [
@@ -78,13 +80,15 @@ def load_results(json_path):
         "median_ms",
         "samples_per_s",
         "paired_vs_unconstrained",
+        "kernel_ops",
     ]
     df = pd.DataFrame(rows, columns=cols)
     key = ["device", "hidden", "batch", "kind"]
     ref = df[df["method"] == REFERENCE].set_index(key)["median_ms"].rename("_ref_ms")
     df = df.join(ref, on=key)
     df["ratio_to_unconstrained"] = df["median_ms"] / df["_ref_ms"]
-    df = df[[c for c in df.columns if c != "paired_vs_unconstrained"] + ["paired_vs_unconstrained"]]
+    last = ["paired_vs_unconstrained", "kernel_ops"]
+    df = df[[c for c in df.columns if c not in last] + last]
     order = {m: i for i, m in enumerate(METHODS)}
     df = df.drop(columns="_ref_ms").sort_values(
         ["device", "kind", "hidden", "batch", "method"],
@@ -103,6 +107,7 @@ def write_tables(df, out: Path) -> None:
         samples_per_s=df["samples_per_s"].map("{:.0f}".format),
         ratio_to_unconstrained=df["ratio_to_unconstrained"].map(ratio),
         paired_vs_unconstrained=df["paired_vs_unconstrained"].map(ratio),
+        kernel_ops=df["kernel_ops"].map(lambda v: "-" if v != v else f"{v:.0f}"),
     )
     write_atomic(out / "table.md", md.to_markdown(index=False) + "\n")
 

@@ -54,6 +54,7 @@ def time_methods(
     kind: str = "train",
     seed: int = 0,
     clock=time.perf_counter,
+    ops: dict | None = None,
 ) -> dict[str, list[float]]:
     """Interleaved step times: ``{method: [seconds per round]}``, round i of every method paired.
 
@@ -61,12 +62,17 @@ def time_methods(
     of ``batch`` sequences on ``device``); then :func:`bench.perf.paired.interleaved_times`
     times one step (``kind``: ``"train"`` or ``"eval"``) of each per round, in a random
     order, each between two device synchronisations (``clock``: injectable for tests).
+    ``ops``: a dict that receives, after the timing, each method's kernel-launching operators
+    of one step (:func:`bench.measure.kernel_op_count`, untimed).
     """
     task = shape28_task(max(batch, 64))
     fns = {m: getattr(make_steps(run_config(m, hidden, batch, device), task), kind) for m in methods}
-    return paired.interleaved_times(
+    times = paired.interleaved_times(
         fns, rounds=rounds, warmup=warmup, sync=measure.synchronizer(device), seed=seed, clock=clock
     )
+    if ops is not None:
+        ops.update({m: measure.kernel_op_count(fn) for m, fn in fns.items()})
+    return times
 
 
 def run_benchmarks(plan: list[dict], out: Path, json_path: Path) -> tuple[int, float, list[str]]:
