@@ -76,15 +76,20 @@ __all__ = ["StiefelGRU", "StiefelLSTM", "StiefelRNN"]
 #   name)`` for every name (so ``torch.func.functional_call`` swaps and parametrisations of any
 #   weight are honoured) with the recurrent entries replaced by A(W) of all of them in one
 #   batched operation, puts it in ``self._flat_weights`` for the duration of
-#   ``super().forward`` and restores the previous list in a ``finally``.  If torch stopped
+#   ``super().forward`` and restores the previous list in a ``finally``.  The list's entries
+#   are views of one fresh buffer per forward (``_Layout``: cuDNN's offsets, read from a
+#   flattened template module, on CUDA; a concatenation elsewhere), built by one ``torch.cat``
+#   inside one autograd.Function with A(W)'s closed-form vjp, so that cuDNN's
+#   ``try_get_weight_buf`` accepts the list in place and copies nothing; where that layout
+#   cannot be met (a tensor subclass, mixed dtypes or devices) the previous per-weight list
+#   is used, with a warning once per module and ``weight_path`` saying why.  If torch stopped
 #   reading ``_flat_weights`` in forward, the kernel would see the raw weights and the model
 #   would silently run unconstrained: test_forward_equals_plain_module_holding_A and the
 #   stateful differential test fail then.  Outside forward the list is read only by
 #   ``flatten_parameters`` (on CUDA it compacts the raw leaves into one buffer: harmless and
-#   useless, since the kernel receives A(W), which cuDNN copies into its own buffer on every
-#   call; it warns once that the weights "are not part of single contiguous chunk of memory",
-#   as it does for CDOpt's layers) and by pickling.  Mutating it makes concurrent forwards of
-#   one module from several threads unsafe, as nn's own ``_update_flat_weights`` does.
+#   useless, since the kernel receives the fresh buffer above) and by pickling.  Mutating it
+#   makes concurrent forwards of one module from several threads unsafe, as nn's own
+#   ``_update_flat_weights`` does.
 # * ``_update_flat_weights`` (overridden: a no-op): nn's forward calls it first; it compares the
 #   weak references in ``_flat_weight_refs`` with ``getattr(self, name)`` and, when they differ
 #   (functional_call, a parametrised weight), rebuilds ``_flat_weights`` by getattr, which
