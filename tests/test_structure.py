@@ -95,7 +95,8 @@ def test_dependencies_point_one_way():
         "bench.provenance",
     }
     assert graph["bench.errors"] == set()
-    assert graph["bench.provenance"] <= {"bench.measure"}
+    assert graph["bench.fsio"] <= {"bench.errors"}  # safe writes: a leaf every writer can use
+    assert graph["bench.provenance"] <= {"bench.measure", "bench.errors", "bench.fsio"}
     # the paired timer is reusable by the trainer: it must not import the trainer or the CLI
     assert graph["bench.perf.paired"] <= {"bench", "bench.measure"}
     assert graph["bench.perf"] == set() and graph["bench"] == set()  # the packages import no module
