@@ -493,7 +493,8 @@ def resolve_plan(plan: list[RunConfig], data_dir, target=None) -> tuple[list[Run
     Raises
     ------
     UsageError
-        ``target`` out of the range of a task's metric (:func:`_check_target`).
+        ``target`` out of the range of a task's metric (:func:`_check_target`); ``--eval-every``
+        or ``--target`` for a task without a validation split (:func:`_check_no_validation`).
     DataError
         A task's data is missing.
     """
@@ -504,6 +505,8 @@ def resolve_plan(plan: list[RunConfig], data_dir, target=None) -> tuple[list[Run
     for indices in by_data.values():
         task = get_task(plan[indices[0]], data_dir)
         _check_target(target, plan[indices[0]].task, task.metric)
+        if task.val is None:
+            _check_no_validation(plan[indices[0]])
         for i in indices:
             out[i] = normalized(plan[i], task)
             resolved[out[i].run_id] = resolved_fields(out[i], task)
@@ -528,6 +531,21 @@ def _threads_notice(rows: list[dict], plan: list[RunConfig], done: set) -> list[
         f"{', '.join(sorted(set(want.values())))} planned: kept and skipped, in their own configuration; "
         f"--force retrains them"
     ]
+
+
+def _check_no_validation(cfg: RunConfig) -> None:
+    """Refuse ``--eval-every`` / ``--target`` for a run without a validation split
+    (``--val-size 0``): only the validation metric is evaluated every K steps, and time to
+    target is measured on it alone (:func:`bench.runner.target_value`), so either flag would
+    change nothing.  Raises UsageError."""
+    flags = {"--eval-every": cfg.eval_every, "--target": cfg.target}
+    given = [f"{flag} {value:g}" for flag, value in flags.items() if value is not None]
+    if given:
+        raise UsageError(
+            f"{' and '.join(given)} with --val-size {cfg.val_size}: task {cfg.task} then has no "
+            "validation split, and only the validation metric is evaluated every K steps and "
+            "compared with the target; use --val-size N (N > 0) or drop the flag"
+        )
 
 
 def _check_target(target: float | None, task: str, metric: str) -> None:

@@ -3,9 +3,11 @@
 import json
 
 import pandas as pd
+import pytest
 from test_plot import new_style_folder
+from test_sweep import TINY
 
-from bench import plot
+from bench import ablate, plot
 
 
 def test_an_ok_run_without_test_metric_skips_its_confusion_matrix(tmp_path, capsys):
@@ -18,3 +20,21 @@ def test_an_ok_run_without_test_metric_skips_its_confusion_matrix(tmp_path, caps
     assert "confusion_cd.png" in images and "confusion_cayley.png" not in images
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "confusion matrix for cayley" in err and "no test metric" in err
+
+
+@pytest.mark.parametrize(
+    "flags,named",
+    [
+        (["--eval-every", "5"], "--eval-every 5 with --val-size 0"),
+        (["--target", "0.9"], "--target 0.9 with --val-size 0"),
+        (["--eval-every", "5", "--target", "0.9"], "--eval-every 5 and --target 0.9 with --val-size 0"),
+    ],
+)
+def test_validation_flags_without_a_validation_split_are_refused(flags, named, tmp_path, capsys):
+    """Without a validation split nothing is evaluated every K steps and time to target (measured
+    on the validation metric only) is never computed: the flags used to be dropped silently."""
+    out = tmp_path / "o"
+    assert ablate.main([*TINY, "--val-size", "0", *flags, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and named in err and "use --val-size N" in err and "Traceback" not in err
+    assert not out.exists()
