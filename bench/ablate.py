@@ -39,6 +39,7 @@ from .cli import Parser, choice, number
 from .errors import DataError, FolderBusy, UsageError
 from .executors import make_executor
 from .methods import ALIASES, METHODS, OPTIMIZERS
+from .packing import physical_cores
 from .provenance import environment, git_commit, read_meta, utc_now, write_meta
 from .runner import AMP_MODES, SCHEDULES, RunConfig, get_task, normalized, resolved_fields
 from .store import ResultStore
@@ -533,6 +534,22 @@ def _threads_notice(rows: list[dict], plan: list[RunConfig], done: set) -> list[
     ]
 
 
+def _oversubscribed_notice(args) -> list[str]:
+    """A note when ``--workers N --threads-per-run k`` asks for more torch threads than this
+    machine's physical cores (:func:`bench.packing.physical_cores`): allowed, but the runs
+    then compete for cores.  Not for a remote dask scheduler (its workers' cores)."""
+    n, k = args.workers, args.threads_per_run
+    if not n or not k or (args.executor == "dask" and args.scheduler):
+        return []
+    cores = physical_cores()
+    if n * k <= cores:
+        return []
+    return [
+        f"--workers {n} x --threads-per-run {k} = {n * k} torch threads on {cores} physical cores: "
+        "oversubscribed, the runs compete for cores and each trains slower"
+    ]
+
+
 def _check_no_validation(cfg: RunConfig) -> None:
     """Refuse ``--eval-every`` / ``--target`` for a run without a validation split
     (``--val-size 0``): only the validation metric is evaluated every K steps, and time to
@@ -837,6 +854,7 @@ def main(argv=None) -> int:
         if args.executor != "auto" and args.runs_per_gpu != "auto":
             raise UsageError("--runs-per-gpu needs --executor auto")
         plan, notices, profile = make_plan(args)
+        notices += _oversubscribed_notice(args)
         if not plan:
             raise UsageError("the grid is empty: no method applies to the chosen granularity/methods")
         data_dir = args.data_dir or default_data_dir()

@@ -38,3 +38,25 @@ def test_validation_flags_without_a_validation_split_are_refused(flags, named, t
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and named in err and "use --val-size N" in err and "Traceback" not in err
     assert not out.exists()
+
+
+def test_workers_times_threads_above_the_cores_is_noted_in_the_plan(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(ablate, "physical_cores", lambda: 2, raising=False)
+    args = [
+        *TINY,
+        "--methods",
+        "unconstrained",
+        "--executor",
+        "auto",
+        "--dry-run",
+        "--out",
+        str(tmp_path / "o"),
+    ]
+    assert ablate.main([*args, "--workers", "5", "--threads-per-run", "2"]) == 0
+    notes = [ln for ln in capsys.readouterr().out.splitlines() if "oversubscribed" in ln]
+    assert notes == [
+        "note: --workers 5 x --threads-per-run 2 = 10 torch threads on 2 physical cores: oversubscribed, "
+        "the runs compete for cores and each trains slower"
+    ]
+    assert ablate.main([*args, "--workers", "2", "--threads-per-run", "1"]) == 0
+    assert "oversubscribed" not in capsys.readouterr().out
