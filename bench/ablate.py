@@ -39,6 +39,7 @@ from .cli import Parser, choice, number
 from .errors import DataError, FolderBusy, UsageError
 from .executors import make_executor
 from .methods import ALIASES, METHODS, OPTIMIZERS
+from .packing import physical_cores
 from .provenance import environment, git_commit, read_meta, utc_now, write_meta
 from .runner import AMP_MODES, SCHEDULES, RunConfig, get_task, normalized, resolved_fields
 from .store import ResultStore
@@ -493,7 +494,8 @@ def resolve_plan(plan: list[RunConfig], data_dir, target=None) -> tuple[list[Run
     Raises
     ------
     UsageError
-        ``target`` out of the range of a task's metric (:func:`_check_target`).
+        ``target`` out of the range of a task's metric (:func:`_check_target`); ``--eval-every``
+        or ``--target`` for a task without a validation split (:func:`_check_no_validation`).
     DataError
         A task's data is missing.
     """
@@ -504,6 +506,8 @@ def resolve_plan(plan: list[RunConfig], data_dir, target=None) -> tuple[list[Run
     for indices in by_data.values():
         task = get_task(plan[indices[0]], data_dir)
         _check_target(target, plan[indices[0]].task, task.metric)
+        if task.val is None:
+            _check_no_validation(plan[indices[0]])
         for i in indices:
             out[i] = normalized(plan[i], task)
             resolved[out[i].run_id] = resolved_fields(out[i], task)
@@ -528,6 +532,37 @@ def _threads_notice(rows: list[dict], plan: list[RunConfig], done: set) -> list[
         f"{', '.join(sorted(set(want.values())))} planned: kept and skipped, in their own configuration; "
         f"--force retrains them"
     ]
+
+
+def _oversubscribed_notice(args) -> list[str]:
+    """A note when ``--workers N --threads-per-run k`` asks for more torch threads than this
+    machine's physical cores (:func:`bench.packing.physical_cores`): allowed, but the runs
+    then compete for cores.  Not for a remote dask scheduler (its workers' cores)."""
+    n, k = args.workers, args.threads_per_run
+    if not n or not k or (args.executor == "dask" and args.scheduler):
+        return []
+    cores = physical_cores()
+    if n * k <= cores:
+        return []
+    return [
+        f"--workers {n} x --threads-per-run {k} = {n * k} torch threads on {cores} physical cores: "
+        "oversubscribed, the runs compete for cores and each trains slower"
+    ]
+
+
+def _check_no_validation(cfg: RunConfig) -> None:
+    """Refuse ``--eval-every`` / ``--target`` for a run without a validation split
+    (``--val-size 0``): only the validation metric is evaluated every K steps, and time to
+    target is measured on it alone (:func:`bench.runner.target_value`), so either flag would
+    change nothing.  Raises UsageError."""
+    flags = {"--eval-every": cfg.eval_every, "--target": cfg.target}
+    given = [f"{flag} {value:g}" for flag, value in flags.items() if value is not None]
+    if given:
+        raise UsageError(
+            f"{' and '.join(given)} with --val-size {cfg.val_size}: task {cfg.task} then has no "
+            "validation split, and only the validation metric is evaluated every K steps and "
+            "compared with the target; use --val-size N (N > 0) or drop the flag"
+        )
 
 
 def _check_target(target: float | None, task: str, metric: str) -> None:
@@ -819,6 +854,7 @@ def main(argv=None) -> int:
         if args.executor != "auto" and args.runs_per_gpu != "auto":
             raise UsageError("--runs-per-gpu needs --executor auto")
         plan, notices, profile = make_plan(args)
+        notices += _oversubscribed_notice(args)
         if not plan:
             raise UsageError("the grid is empty: no method applies to the chosen granularity/methods")
         data_dir = args.data_dir or default_data_dir()

@@ -507,6 +507,13 @@ def plot_confusions(runs, folder: Path) -> list[str]:
     by_cell = "cell" in ok and ok["cell"].nunique() > 1
     for key, g in ok.groupby(["method", "cell"] if by_cell else "method"):
         method = "_".join(key) if by_cell else (key[0] if isinstance(key, tuple) else key)
+        if g["test_metric"].isna().all():  # an ok row with an empty test metric: nothing to rank by
+            print(
+                f"bench.plot: note: no confusion matrix for {method}: its ok runs "
+                f"({', '.join(map(str, g['run_id']))}) record no test metric",
+                file=sys.stderr,
+            )
+            continue
         best = g.loc[g["test_metric"].idxmax()]
         cm = np.array(json.loads(best["confusion"]))
         fig, ax = plt.subplots(figsize=(5, 4.5))
