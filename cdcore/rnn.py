@@ -213,6 +213,9 @@ def _numel(shape) -> int:
     return n
 
 
+#: torch < 2.12: Dynamo raises an internal error (sympy) tracing the flat no-grad path
+_OLD_DYNAMO = tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 12)
+
 #: (plain class, configuration, dtype, device, cuDNN enabled) -> _Layout or a fallback reason
 _LAYOUTS: dict[tuple, _Layout | str] = {}
 
@@ -244,6 +247,8 @@ def _cudnn_layout(module: nn.RNNBase, plain: type[nn.RNNBase], config: dict, dty
 def _layout(module, weights: list[Tensor]) -> _Layout | str:
     """The layout of ``module``'s kernel weights (cached per configuration, dtype and device), or
     the reason the flat path cannot be taken.  Host-side only: never waits for the device."""
+    if _OLD_DYNAMO and not torch.is_grad_enabled() and torch.compiler.is_compiling():
+        return "torch.compile of a no-grad forward on torch < 2.12 (Dynamo fails on the flat buffer there)"
     first = weights[0]
     for name, w in zip(module._flat_weights_names, weights):
         if not isinstance(w, Tensor):

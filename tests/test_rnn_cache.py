@@ -150,10 +150,6 @@ def test_bypassed_by_autograd_tracing_and_transforms(cell, calls):
         assert calls["n"] > n  # the trace computed A(W): it is not a constant of the trace
         m.weight_hh_l0.mul_(1.01)
         assert torch.allclose(traced(x)[0], reference_forward(m, x)[0], atol=1e-12)
-        compiled = torch.compile(m, backend="aot_eager")
-        compiled(x)
-        m.weight_hh_l0.mul_(1.01)
-        assert torch.allclose(compiled(x)[0], reference_forward(m, x)[0], atol=1e-12)
     seen = []
 
     def probe(w):
@@ -166,6 +162,13 @@ def test_bypassed_by_autograd_tracing_and_transforms(cell, calls):
         assert cdrnn._NoGradCache.applicable(torch.randn(2, 3, 3))
         assert not cdrnn._NoGradCache.applicable(torch.randn(2, 3, 3, device="meta"))  # CPU only
     assert seen == [False, False]
+    if cdrnn._OLD_DYNAMO:  # checked last, so that everything above runs on every torch
+        pytest.skip("torch < 2.12: Dynamo fails (internal sympy error) compiling a no-grad forward here")
+    with torch.no_grad():
+        compiled = torch.compile(m, backend="aot_eager")
+        compiled(x)
+        m.weight_hh_l0.mul_(1.01)
+        assert torch.allclose(compiled(x)[0], reference_forward(m, x)[0], atol=1e-12)
 
 
 @pytest.mark.parametrize("cell", CELL_NAMES)
