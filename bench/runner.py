@@ -192,6 +192,16 @@ class RunConfig:
         return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
 
+#: the measured columns that are times, rates or memory (how fast the run went, not what it computed)
+TIMED_COLUMNS = [
+    "train_samples_per_s",
+    "step_samples_per_s",
+    "step_vs_baseline",
+    "eval_samples_per_s",
+    "train_step_ms",
+    "constraint_share",
+    "peak_mem_mb",
+]
 #: what run_one measures and reports besides the configuration, in runs.csv order
 MEASURED_COLUMNS = [
     "status",
@@ -216,13 +226,7 @@ MEASURED_COLUMNS = [
     "recurrent_change",
     "reprojections",
     "weight_path",
-    "train_samples_per_s",
-    "step_samples_per_s",
-    "step_vs_baseline",
-    "eval_samples_per_s",
-    "train_step_ms",
-    "constraint_share",
-    "peak_mem_mb",
+    *TIMED_COLUMNS,
     "param_count",
     "n_train",
     "n_test",

@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from bench import ablate, plot, stats
-from bench.runner import MEASURED_COLUMNS, PROVENANCE_COLUMNS, RunConfig, run_one
+from bench.runner import MEASURED_COLUMNS, PROVENANCE_COLUMNS, TIMED_COLUMNS, RunConfig, run_one
 
 ROOT = Path(__file__).resolve().parent.parent
 HOOKS = Path(__file__).resolve().parent / "hooks"
@@ -32,13 +32,7 @@ GRID = [*TINY, "--methods", "unconstrained", "cd", "--penalty", "0.1", "0.5"]
 #: columns that hold times, memory or how the run was scheduled: everything else must match
 NOT_COMPARED = {
     *PROVENANCE_COLUMNS,
-    "train_samples_per_s",
-    "step_samples_per_s",
-    "step_vs_baseline",
-    "eval_samples_per_s",
-    "train_step_ms",
-    "constraint_share",
-    "peak_mem_mb",
+    *TIMED_COLUMNS,
     "train_s",
     "wall_s",
     "seconds_to_target",
